@@ -1,1 +1,48 @@
-"""The Hub unit: flat files copied into every saved checkpoint (see modeling_internvl_chat.py)."""
+"""The Hub unit: flat files copied into every saved checkpoint, loadable with `trust_remote_code=True`.
+
+`register_auto_classes()` (called by `import internvl_chat`) registers them with transformers' Auto classes for
+local use, and marks them so `save_pretrained` writes `auto_map` and copies these files next to the weights.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+
+from .configuration_internvl_chat import InternVLChatConfig
+from .image_processing_internvl_chat import InternVLChatImageProcessor
+from .modeling_internvl_chat import (
+    InternVLChatForConditionalGeneration,
+    InternVLChatModel,
+    InternVLChatPreTrainedModel,
+)
+from .processing_internvl_chat import InternVLChatProcessor
+
+__all__ = [
+    "InternVLChatConfig",
+    "InternVLChatForConditionalGeneration",
+    "InternVLChatImageProcessor",
+    "InternVLChatModel",
+    "InternVLChatPreTrainedModel",
+    "InternVLChatProcessor",
+    "register_auto_classes",
+]
+
+
+def register_auto_classes() -> None:
+    """Registers config, models, image processor and processor with the Auto classes (idempotent)."""
+    model_type = InternVLChatConfig.model_type
+    AutoConfig.register(model_type, InternVLChatConfig, exist_ok=True)
+    AutoModel.register(InternVLChatConfig, InternVLChatModel, exist_ok=True)
+    AutoModelForImageTextToText.register(InternVLChatConfig, InternVLChatForConditionalGeneration, exist_ok=True)
+    AutoImageProcessor.register(InternVLChatConfig, slow_image_processor_class=InternVLChatImageProcessor, exist_ok=True)
+    AutoProcessor.register(InternVLChatConfig, InternVLChatProcessor, exist_ok=True)
+
+    InternVLChatConfig.register_for_auto_class()
+    InternVLChatModel.register_for_auto_class("AutoModel")
+    InternVLChatForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    InternVLChatImageProcessor.register_for_auto_class("AutoImageProcessor")
+    InternVLChatProcessor.register_for_auto_class("AutoProcessor")

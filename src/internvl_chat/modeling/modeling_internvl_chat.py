@@ -1,0 +1,306 @@
+"""InternVL-Chat / LLaVA vision-language model (`model_type = "internvl_chat_llava"`), transformers-native.
+
+Vision tower (CLIP, InternViT-6B or the LLaVA-HR multi-path encoder) → projector (`linear`, `mlp{N}x_gelu`,
+`identity`) → any causal LM transformers knows. The skeleton and state-dict names follow transformers' Llava
+(`model.vision_tower`, `model.multi_modal_projector`, `model.language_model`, `lm_head`), so weights convert 1:1.
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(images=image, text="<image>\\nWhat is this?", return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=32)
+
+The processor expands every `<image>` into `image_seq_length` copies of the image token; the model checks that the
+number of image tokens equals the number of image features, then `masked_scatter`s the features into them.
+This file is part of the Hub unit: it imports only torch, transformers' public API and its sibling files.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.utils import logging
+
+from .configuration_intern_vit import InternViTConfig
+from .configuration_internvl_chat import InternVLChatConfig, check_projector_type
+from .configuration_multipath import MultiPathVisionConfig
+from .modeling_intern_vit import InternViTModel
+from .modeling_multipath import MultiPathVisionModel
+
+logger = logging.get_logger(__name__)
+
+# Vision tower class per vision-config class: one row per tower.
+VISION_TOWERS = {
+    CLIPVisionConfig: CLIPVisionModel,
+    InternViTConfig: InternViTModel,
+    MultiPathVisionConfig: MultiPathVisionModel,
+}
+
+
+def build_vision_tower(vision_config) -> PreTrainedModel:
+    for config_class, model_class in VISION_TOWERS.items():
+        if isinstance(vision_config, config_class):
+            return model_class(vision_config)
+    raise ValueError(f"No vision tower for config {type(vision_config).__name__}; known: {list(VISION_TOWERS)}")
+
+
+@dataclass
+class InternVLChatModelOutputWithPast(BaseModelOutputWithPast):
+    """Backbone output; `image_hidden_states` are the projected image features, (num_images, tokens, llm_width)."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class InternVLChatCausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class InternVLChatProjector(nn.Module):
+    """LLaVA's projector. `mlp{N}x_gelu`: Linear(vision→llm), then (N-1) × [exact-erf GELU, Linear(llm→llm)].
+
+    Layers are named `linear_1 ... linear_N` so `mlp2x_gelu` has exactly transformers-Llava's keys
+    (`linear_1`, `linear_2`; the original's `mm_projector.0` / `.2`).
+    """
+
+    def __init__(self, config: InternVLChatConfig):
+        super().__init__()
+        self.num_linear = check_projector_type(config.projector_type)
+        vision_width, llm_width = config.vision_config.hidden_size, config.text_config.hidden_size
+        if self.num_linear == 0 and vision_width != llm_width:
+            raise ValueError(
+                f"projector_type 'identity' needs equal widths, got vision {vision_width} and LLM {llm_width}."
+            )
+        for i in range(self.num_linear):
+            setattr(self, f"linear_{i + 1}", nn.Linear(vision_width if i == 0 else llm_width, llm_width))
+        self.act = nn.GELU()
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        hidden_states = image_features
+        for i in range(self.num_linear):
+            if i > 0:
+                hidden_states = self.act(hidden_states)
+            hidden_states = getattr(self, f"linear_{i + 1}")(hidden_states)
+        return hidden_states
+
+
+class InternVLChatPreTrainedModel(PreTrainedModel):
+    config_class = InternVLChatConfig
+    config: InternVLChatConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        # Towers and the LLM initialise their own modules (their `_init_weights` run on their children); here only
+        # the projector, with the LLM's initializer range as LLaVA does.
+        if isinstance(module, nn.Linear):
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class InternVLChatModel(InternVLChatPreTrainedModel):
+    """Vision tower + projector + LLM backbone; returns hidden states aligned with `input_ids` (no LM head)."""
+
+    def __init__(self, config: InternVLChatConfig):
+        super().__init__(config)
+        self.vision_tower = build_vision_tower(config.vision_config)
+        self.multi_modal_projector = InternVLChatProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(num_images, 3, H, W) → projected features (num_images, image_seq_length, llm_width)."""
+        tower = self.vision_tower
+        pixel_values = pixel_values.to(dtype=tower.dtype)
+        if self.config.is_multipath_encoder:
+            # The multi-path encoder returns its fused fast/slow tokens: no select layer, no CLS.
+            features = tower(pixel_values, return_dict=True).last_hidden_state
+        else:
+            outputs = tower(pixel_values, output_hidden_states=True, return_dict=True)
+            # hidden_states: embeddings output, then one entry per block; -2 is block 23 of 24 for CLIP-L (no
+            # post-layernorm), -4 for the 48-block InternViT-6B.
+            features = outputs.hidden_states[self.config.vision_feature_layer]
+            if self.config.vision_feature_select_strategy == "patch":
+                features = features[:, 1:]
+        return self.multi_modal_projector(features)
+
+    def merge_image_features(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Writes `image_features` (num_images, tokens, width) into the image-token positions of `inputs_embeds`."""
+        if input_ids is None:
+            image_embed = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            image_mask = (inputs_embeds == image_embed).all(-1)
+        else:
+            image_mask = input_ids == self.config.image_token_id
+        n_tokens = int(image_mask.sum())
+        n_features = image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"Image features and image tokens do not match: {n_tokens} image tokens in the input but "
+                f"{n_features} image features ({image_features.shape[0]} images × {image_features.shape[1]} tokens). "
+                "Each image needs exactly one `<image>` placeholder, expanded by the processor; check that no "
+                "truncation cut the image tokens."
+            )
+        image_mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(image_mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> InternVLChatModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+        elif input_ids is not None and past_key_values is None and bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError(
+                f"The input holds {int((input_ids == self.config.image_token_id).sum())} image tokens but no "
+                "pixel_values were given (0 image features)."
+            )
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        return InternVLChatModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class InternVLChatForConditionalGeneration(InternVLChatPreTrainedModel, GenerationMixin):
+    """The full chat model: `InternVLChatModel` + `lm_head`, with `generate()`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: InternVLChatConfig):
+        super().__init__(config)
+        self.model = InternVLChatModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.model.language_model
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    @property
+    def vision_tower(self):
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self):
+        return self.model.multi_modal_projector
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> InternVLChatCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        # logits_to_keep=0 keeps every position; an int N keeps the last N (generation needs only the last one).
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return InternVLChatCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )

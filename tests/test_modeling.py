@@ -1,0 +1,191 @@
+"""Core model: parity with transformers' LlavaForConditionalGeneration, attention backends, generation, errors."""
+
+import pytest
+import torch
+from conftest import tiny_clip_llama_config
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from internvl_chat import InternVLChatConfig, InternVLChatForConditionalGeneration
+
+IMG = 100  # image token id of the tiny config
+N_IMG = 16  # image tokens per 56px image
+
+
+def make_pair(attn="eager"):
+    """Our tiny model and transformers' Llava with the same weights (randomised, incl. projector biases)."""
+    ours_config = tiny_clip_llama_config()
+    llava_config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**ours_config.vision_config.to_diff_dict()),
+        text_config=LlamaConfig(**ours_config.text_config.to_diff_dict()),
+        image_token_id=IMG,
+        image_seq_length=N_IMG,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(llava_config)
+    with torch.no_grad():
+        for p in llava.parameters():
+            p.normal_(0, 0.05)
+    ours = InternVLChatForConditionalGeneration(ours_config)
+    missing, unexpected = ours.load_state_dict(llava.state_dict(), strict=True)
+    assert not missing and not unexpected
+    llava.set_attn_implementation(attn)
+    ours.set_attn_implementation(attn)
+    return ours.eval(), llava.eval()
+
+
+def sample_inputs(batch=2, text_len=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 99, (batch, text_len), generator=g)
+    ids = torch.cat([ids[:, :2], torch.full((batch, N_IMG), IMG), ids[:, 2:]], dim=1)
+    pixel_values = torch.randn(batch, 3, 56, 56, generator=g)
+    return ids, pixel_values
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_logits_parity_with_transformers_llava(attn):
+    ours, llava = make_pair(attn)
+    ids, pixel_values = sample_inputs()
+    with torch.no_grad():
+        a = ours(input_ids=ids, pixel_values=pixel_values).logits
+        b = llava(input_ids=ids, pixel_values=pixel_values).logits
+    diff = (a - b).abs().max().item()
+    print(f"max abs logits diff vs LlavaForConditionalGeneration ({attn}): {diff:.3e}")
+    assert diff <= 1e-5
+
+
+def test_state_dict_names_follow_llava(tiny_model):
+    keys = set(tiny_model.state_dict())
+    assert "model.multi_modal_projector.linear_1.weight" in keys
+    assert "model.multi_modal_projector.linear_2.bias" in keys
+    assert "lm_head.weight" in keys
+    assert any(k.startswith("model.vision_tower.") for k in keys)
+    assert any(k.startswith("model.language_model.layers.0.") for k in keys)
+
+
+def test_eager_and_sdpa_agree():
+    ours, _ = make_pair("eager")
+    ids, pixel_values = sample_inputs()
+    with torch.no_grad():
+        eager = ours(input_ids=ids, pixel_values=pixel_values).logits
+        ours.set_attn_implementation("sdpa")
+        sdpa = ours(input_ids=ids, pixel_values=pixel_values).logits
+    assert (eager - sdpa).abs().max().item() <= 1e-5
+
+
+def test_backbone_returns_hidden_states_aligned_with_input_ids(tiny_model):
+    ids, pixel_values = sample_inputs()
+    out = tiny_model.model(input_ids=ids, pixel_values=pixel_values)
+    assert out.last_hidden_state.shape[:2] == ids.shape
+    assert out.image_hidden_states.shape == (2, N_IMG, 64)
+    logits = tiny_model.lm_head(out.last_hidden_state)
+    assert torch.allclose(logits, tiny_model(input_ids=ids, pixel_values=pixel_values).logits, atol=1e-6)
+
+
+def test_loss_matches_manual_cross_entropy(tiny_model):
+    ids, pixel_values = sample_inputs()
+    labels = ids.clone()
+    labels[ids == IMG] = -100
+    out = tiny_model(input_ids=ids, pixel_values=pixel_values, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    manual = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, manual, atol=1e-6)
+
+
+def test_image_token_count_mismatch_names_both_numbers(tiny_model):
+    ids, pixel_values = sample_inputs()
+    with pytest.raises(ValueError, match=r"32 image tokens.*16 image features"):
+        tiny_model(input_ids=ids, pixel_values=pixel_values[:1])
+    with pytest.raises(ValueError, match=r"32 image tokens.*0 image features"):
+        tiny_model(input_ids=ids)
+
+
+def test_multi_image_and_text_only_samples_in_one_batch(tiny_model):
+    """Sample 0 has two images, sample 1 none; each matches its own single-sample run."""
+    g = torch.Generator().manual_seed(3)
+    text = torch.randint(1, 99, (4,), generator=g)
+    two = torch.cat([text[:1], torch.full((N_IMG,), IMG), text[1:2], torch.full((N_IMG,), IMG), text[2:]])
+    plain = torch.randint(1, 99, (two.numel(),), generator=g)
+    pixel_values = torch.randn(2, 3, 56, 56, generator=g)
+    with torch.no_grad():
+        batch = tiny_model(input_ids=torch.stack([two, plain]), pixel_values=pixel_values).logits
+        one = tiny_model(input_ids=two[None], pixel_values=pixel_values).logits
+        text_only = tiny_model(input_ids=plain[None]).logits
+    assert torch.allclose(batch[0], one[0], atol=1e-5)
+    assert torch.allclose(batch[1], text_only[0], atol=1e-5)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny_model):
+    g = torch.Generator().manual_seed(5)
+    prompts = [
+        torch.cat([torch.tensor([1]), torch.full((N_IMG,), IMG), torch.randint(2, 99, (n,), generator=g)])
+        for n in (3, 9)
+    ]
+    pixel_values = torch.randn(2, 3, 56, 56, generator=g)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    singles = [
+        tiny_model.generate(input_ids=p[None], attention_mask=torch.ones(1, p.numel(), dtype=torch.long),
+                            pixel_values=pixel_values[i : i + 1], **kwargs)[0, p.numel():]
+        for i, p in enumerate(prompts)
+    ]
+    width = max(p.numel() for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(width - p.numel(), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - p.numel()), torch.ones(p.numel())]).long() for p in prompts])
+    batched = tiny_model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, **kwargs)
+    for i in range(2):
+        assert batched[i, width:].tolist() == singles[i].tolist()
+
+
+@pytest.mark.parametrize("projector_type,n_linear", [("linear", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3)])
+def test_projector_types(projector_type, n_linear):
+    model = InternVLChatForConditionalGeneration(tiny_clip_llama_config(projector_type=projector_type))
+    names = {k.split(".")[2] for k in model.state_dict() if k.startswith("model.multi_modal_projector.")}
+    assert names == {f"linear_{i + 1}" for i in range(n_linear)}
+    ids, pixel_values = sample_inputs(batch=1)
+    assert model(input_ids=ids, pixel_values=pixel_values).logits.shape[1] == ids.shape[1]
+
+
+def test_identity_projector_and_cls_patch():
+    config = tiny_clip_llama_config(projector_type="identity", vision_feature_select_strategy="cls_patch")
+    config.vision_config.hidden_size = 64
+    model = InternVLChatForConditionalGeneration(config)
+    assert not [k for k in model.state_dict() if "multi_modal_projector" in k]
+    ids = torch.cat([torch.tensor([[1]]), torch.full((1, N_IMG + 1), IMG)], dim=1)
+    assert model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56)).logits.shape == (1, N_IMG + 2, 128)
+
+
+def test_bad_projector_and_strategy_names():
+    with pytest.raises(ValueError, match="mlp2y_relu"):
+        tiny_clip_llama_config(projector_type="mlp2y_relu")
+    with pytest.raises(ValueError, match="everything"):
+        tiny_clip_llama_config(vision_feature_select_strategy="everything")
+    with pytest.raises(ValueError, match="resnet"):
+        InternVLChatConfig(vision_config={"model_type": "resnet"})
+
+
+def test_gradient_checkpointing_gives_same_gradients(tiny_model):
+    ids, pixel_values = sample_inputs()
+    tiny_model.train()
+
+    def grads():
+        tiny_model.zero_grad()
+        tiny_model(input_ids=ids, pixel_values=pixel_values, labels=ids.masked_fill(ids == IMG, -100)).loss.backward()
+        return {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    assert any("vision_tower" in n for n in plain)
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-5), name
+
+
+def test_config_round_trip(tmp_path, tiny_config):
+    tiny_config.save_pretrained(tmp_path)
+    loaded = InternVLChatConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == tiny_config.to_dict()
+    assert loaded.vision_config.model_type == "clip_vision_model"
+    assert loaded.text_config.model_type == "llama"
