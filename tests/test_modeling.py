@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import tiny_clip_llama_config
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from conftest import tiny_clip_llama_config
 from internvl_chat import InternVLChatConfig, InternVLChatForConditionalGeneration
 
 IMG = 100  # image token id of the tiny config
@@ -126,8 +126,12 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_model):
     pixel_values = torch.randn(2, 3, 56, 56, generator=g)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     singles = [
-        tiny_model.generate(input_ids=p[None], attention_mask=torch.ones(1, p.numel(), dtype=torch.long),
-                            pixel_values=pixel_values[i : i + 1], **kwargs)[0, p.numel():]
+        tiny_model.generate(
+            input_ids=p[None],
+            attention_mask=torch.ones(1, p.numel(), dtype=torch.long),
+            pixel_values=pixel_values[i : i + 1],
+            **kwargs,
+        )[0, p.numel() :]
         for i, p in enumerate(prompts)
     ]
     width = max(p.numel() for p in prompts)

@@ -154,9 +154,7 @@ PRESETS = {
     "llavar2-phi3.5-mini": Preset(
         "multipath-clip-l-convnext-l", "phi-3.5-mini", "phi3_instruct", 768, model_max_length=4096
     ),
-    "llavar2-llama3.1-8b": Preset(
-        "multipath-clip-l-convnext-l", "llama-3.1-8b", "llama3", 768, model_max_length=4096
-    ),
+    "llavar2-llama3.1-8b": Preset("multipath-clip-l-convnext-l", "llama-3.1-8b", "llama3", 768, model_max_length=4096),
     "llavar2-vicuna-13b": Preset(
         "multipath-clip-l-convnext-l", "vicuna-13b-v1.5", "vicuna_v1", 768, model_max_length=4096
     ),
@@ -171,7 +169,12 @@ PRESETS = {
 # Tiny shapes: same architecture, few parameters. Input sizes shrink so the image-token count stays small.
 TINY_INPUT_SIZE = {"clip_vision_model": 56, "intern_vit_6b": 56, "internvl_chat_multipath": 128}
 TINY_TOWER = {
-    "clip_vision_model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2},
+    "clip_vision_model": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+    },
     "intern_vit_6b": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 6, "num_attention_heads": 2},
 }
 TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -190,8 +193,13 @@ def tower_config(preset: Preset, tiny: bool) -> dict:
     model_type = config["model_type"]
     if model_type == "internvl_chat_multipath":
         fast = {**config["fast_config"], **TINY_TOWER["clip_vision_model"], "image_size": 56}
-        return {**config, "fast_config": fast, "slow_depths": (1, 1, 1, 1), "slow_dims": (8, 16, 24, 48),
-                "input_image_size": TINY_INPUT_SIZE[model_type]}
+        return {
+            **config,
+            "fast_config": fast,
+            "slow_depths": (1, 1, 1, 1),
+            "slow_dims": (8, 16, 24, 48),
+            "input_image_size": TINY_INPUT_SIZE[model_type],
+        }
     # The InternViT tiny tower keeps the 224-trained → run-larger property (position embeddings interpolated).
     image_size = 42 if model_type == "intern_vit_6b" and preset.input_size != config.get("image_size") else 56
     return {**config, **TINY_TOWER[model_type], "image_size": image_size}

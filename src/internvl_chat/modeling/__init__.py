@@ -38,7 +38,9 @@ def register_auto_classes() -> None:
     AutoConfig.register(model_type, InternVLChatConfig, exist_ok=True)
     AutoModel.register(InternVLChatConfig, InternVLChatModel, exist_ok=True)
     AutoModelForImageTextToText.register(InternVLChatConfig, InternVLChatForConditionalGeneration, exist_ok=True)
-    AutoImageProcessor.register(InternVLChatConfig, slow_image_processor_class=InternVLChatImageProcessor, exist_ok=True)
+    AutoImageProcessor.register(
+        InternVLChatConfig, slow_image_processor_class=InternVLChatImageProcessor, exist_ok=True
+    )
     AutoProcessor.register(InternVLChatConfig, InternVLChatProcessor, exist_ok=True)
 
     InternVLChatConfig.register_for_auto_class()

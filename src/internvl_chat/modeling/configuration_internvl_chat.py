@@ -31,6 +31,12 @@ VISION_CONFIGS = {
 # "patch" drops the CLS token (LLaVA's default), "cls_patch" keeps it; llava-hf's names are accepted as aliases.
 SELECT_STRATEGIES = {"patch": "patch", "cls_patch": "cls_patch", "default": "patch", "full": "cls_patch"}
 
+AUTO_MAP = {
+    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+    "AutoModelForImageTextToText": "modeling_internvl_chat.InternVLChatForConditionalGeneration",
+}
+
 PROJECTOR_PATTERN = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
 
 
@@ -118,6 +124,9 @@ class InternVLChatConfig(PreTrainedConfig):
         self.image_token_id = image_token_id
         self.image_seq_length = image_seq_length
         self.template = template
+        # All three Auto entries, so a saved folder loads through AutoConfig, AutoModel and
+        # AutoModelForImageTextToText with trust_remote_code (save_pretrained only adds the saved class's own).
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property

@@ -191,7 +191,9 @@ class InternVLChatModel(InternVLChatPreTrainedModel):
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.get_image_features(pixel_values)
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
-        elif input_ids is not None and past_key_values is None and bool((input_ids == self.config.image_token_id).any()):
+        elif (
+            input_ids is not None and past_key_values is None and bool((input_ids == self.config.image_token_id).any())
+        ):
             raise ValueError(
                 f"The input holds {int((input_ids == self.config.image_token_id).sum())} image tokens but no "
                 "pixel_values were given (0 image features)."
