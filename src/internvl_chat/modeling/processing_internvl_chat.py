@@ -25,10 +25,6 @@ TOKENIZER_KWARGS = (
     "return_attention_mask",
     "padding_side",
     "pad_to_multiple_of",
-    "return_offsets_mapping",
-    "return_token_type_ids",
-    "return_length",
-    "verbose",
 )
 IMAGE_KWARGS = (
     "image_aspect_ratio",
@@ -110,8 +106,7 @@ class InternVLChatProcessor(ProcessorMixin):
                 "given; each image needs exactly one placeholder."
             )
 
-        expanded = [t.replace(self.image_token, self.image_token * self.image_seq_length) for t in texts]
-        encoding = self.tokenizer(expanded, return_tensors=None, **text_kwargs)
+        encoding = self._tokenize(texts, **text_kwargs)
 
         # Truncation must never cut inside the image tokens: the model would see fewer tokens than features.
         for i, ids in enumerate(encoding["input_ids"]):
@@ -130,6 +125,33 @@ class InternVLChatProcessor(ProcessorMixin):
                 "pixel_values"
             ]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _tokenize(self, texts, add_special_tokens=True, truncation=False, max_length=None, padding=False, **kwargs):
+        """Tokenizes as LLaVA's `tokenizer_image_token`: the text is cut at each `<image>`, every piece is
+        tokenized on its own (the first with special tokens, i.e. BOS) and `image_seq_length` image-token ids
+        are put between the pieces.
+
+        # [IMPORTANT] tokenizing the whole string with `<image>` as a special token is NOT the same: SentencePiece
+        # tokenizers give the text after a separately-tokenized piece a leading "▁" (`<image>` then "\n" is
+        # ids 29871, 13 for Llama-2), which is what every LLaVA / InternVL-Chat / ShareGPT4V model was trained on.
+        """
+        rows = []
+        for text in texts:
+            pieces = text.split(self.image_token)
+            ids = []
+            for j, piece in enumerate(pieces):
+                if j > 0:
+                    ids.extend([self.image_token_id] * self.image_seq_length)
+                special = add_special_tokens and j == 0
+                if piece or special:
+                    ids.extend(self.tokenizer(piece, add_special_tokens=special)["input_ids"])
+            if truncation and max_length is not None and len(ids) > max_length:
+                ids = ids[:max_length] if self.tokenizer.truncation_side == "right" else ids[-max_length:]
+            rows.append(ids)
+        pad_kwargs = {
+            k: kwargs[k] for k in ("pad_to_multiple_of", "padding_side", "return_attention_mask") if k in kwargs
+        }
+        return self.tokenizer.pad({"input_ids": rows}, padding=padding, max_length=max_length, **pad_kwargs)
 
     def _images_per_sample(self, images, texts):
         if images is None:

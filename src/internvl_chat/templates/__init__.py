@@ -204,9 +204,7 @@ def render_chat(
     return _render(messages, template, add_generation_prompt, template_kwargs)[0]
 
 
-def _spans_to_mask(
-    text: str, offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
-) -> list[int]:
+def _spans_to_mask(text: str, offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
     """Token mask: 1 for every token whose character range overlaps a generation span.
 
     A token that only partly lies in a span (SentencePiece's '▁A' carrying the separator space before an answer,

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtualenv in .venv with torch, the package (editable, dev extras) and, in .tf517, an
+# overlay holding transformers 5.17 (the oldest supported version) for the remote-code smoke test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import torch, torchvision" 2>/dev/null; then
+  python -m pip install -q --upgrade pip
+  # A local CUDA build on the CI/dev machines; elsewhere any torch>=2.6 with its torchvision works.
+  python -m pip install -q torch==2.14.1 torchvision==0.29.1 || python -m pip install -q "torch>=2.6" torchvision
+fi
+python -m pip install -q -e ".[dev]"
+if [ ! -d .tf517/transformers ]; then
+  python -m pip install -q --no-deps --target .tf517 "transformers==5.17.0" "huggingface_hub>=1.5,<2"
+fi
