@@ -210,7 +210,6 @@ def llm_config(preset: Preset, tiny: bool) -> dict:
     if tiny:
         heads_ratio = config["num_attention_heads"] // config["num_key_value_heads"]
         config.update(TINY_LLM, num_key_value_heads=TINY_LLM["num_attention_heads"] // min(heads_ratio, 2))
-        config["max_position_embeddings"] = min(config["max_position_embeddings"], 4096)
     return config
 
 

@@ -242,8 +242,10 @@ class InternViTEncoderLayer(GradientCheckpointingLayer):
 class InternViTEncoder(nn.Module):
     def __init__(self, config: InternViTConfig):
         super().__init__()
-        # stochastic depth grows linearly with depth, as in the original
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Stochastic depth grows linearly with depth, as in the original (torch.linspace). Plain Python so the
+        # tower also builds under `torch.device("meta")`, where tensors hold no data.
+        n = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         self.layers = nn.ModuleList([InternViTEncoderLayer(config, rate) for rate in rates])
         self.gradient_checkpointing = False
 
