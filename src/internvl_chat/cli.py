@@ -10,8 +10,19 @@ import importlib
 import sys
 
 VERBS = {
+    "demo": ("internvl_chat.demo", "end-to-end demo on a tiny model"),
     "create": ("internvl_chat.hub.create", "write a random-init model + processor for a seed preset"),
-    "demo": ("internvl_chat.demo", "end-to-end demo on a tiny model: create, save, reload, chat"),
+    "convert": ("internvl_chat.hub.convert", "convert an original checkpoint (LLaVA, InternVL, LLaVA-HR...) to ours"),
+    "export": ("internvl_chat.hub.export", "export a CLIP-tower model to transformers-native Llava"),
+    "push": ("internvl_chat.hub.push", "write a model card and upload a folder to the Hub"),
+    "data": ("internvl_chat.data.cli", "check a dataset, convert between LLaVA JSON / datasets / parquet"),
+    "train": ("internvl_chat.training.train", "run a training recipe (YAML) with TRL's SFTTrainer"),
+    "eval": ("internvl_chat.eval.run", "evaluate on a benchmark"),
+    "chat": ("internvl_chat.serve.chat", "multi-turn terminal chat"),
+    "serve": ("internvl_chat.serve.server", "OpenAI-compatible HTTP server"),
+    "web": ("internvl_chat.serve.web", "Gradio web UI"),
+    "select": ("internvl_chat.data.select", "score and select instruction data (mIFD / IFD / VFD / FFD)"),
+    "caption": ("internvl_chat.data.caption", "batch-caption images into LLaVA JSON"),
 }
 
 
