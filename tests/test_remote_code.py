@@ -24,18 +24,30 @@ if COMPAT:
     VERSIONS.append(pytest.param(COMPAT, id="transformers-compat"))
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
+# One preset per vision tower: CLIP, InternViT-6B (224 tower run larger), multi-path CLIP + ConvNeXt.
+PRESETS = {
+    "llava-v1.5-7b": ("vicuna-v1.5", "USER: <image>\nWhat is in the image? ASSISTANT:"),
+    "internvl-chat-vit6b-224to336-vicuna-7b": ("vicuna-v1.5", "USER: <image>\nWhat is in the image? ASSISTANT:"),
+    "llavar2-phi3.5-mini": ("phi-3.5-mini", "<|user|>\n<image>\nWhat is in the image?<|end|>\n<|assistant|>\n"),
+}
+_saved = {}
+
+
+def saved_model(preset, tmp_path_factory):
     from internvl_chat.hub.create import create
 
-    folder = tmp_path_factory.mktemp("model")
-    model, processor, _ = create("llava-v1.5-7b", str(folder), tokenizer=str(TOKENIZERS / "vicuna-v1.5"), tiny=True)
-    return folder, model.eval(), processor
+    if preset not in _saved:
+        folder = tmp_path_factory.mktemp(preset)
+        tokenizer = str(TOKENIZERS / PRESETS[preset][0])
+        model, processor, _ = create(preset, str(folder), tokenizer=tokenizer, tiny=True)
+        _saved[preset] = (folder, model.eval(), processor)
+    return _saved[preset]
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("overlay", VERSIONS)
-def test_fresh_process_trust_remote_code_load(saved_model, overlay, tmp_path):
-    folder, model, processor = saved_model
+def test_fresh_process_trust_remote_code_load(preset, overlay, tmp_path, tmp_path_factory):
+    folder, model, processor = saved_model(preset, tmp_path_factory)
     out = tmp_path / "out.pt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONNOUSERSITE": "1"}
     env.pop("PYTHONPATH", None)
@@ -53,7 +65,7 @@ def test_fresh_process_trust_remote_code_load(saved_model, overlay, tmp_path):
         assert remote["transformers"].startswith("5.17"), remote["transformers"]
     assert remote["model_module"].startswith("transformers_modules"), remote["model_module"]
     assert remote["backbone_class"] == "InternVLChatModel"
-    assert remote["prompt"].endswith("USER: <image>\nWhat is in the image? ASSISTANT:")
+    assert remote["prompt"].endswith(PRESETS[preset][1])
 
     # The same inputs through the in-process model: identical processing and logits.
     with torch.no_grad():

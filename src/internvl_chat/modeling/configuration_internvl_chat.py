@@ -132,7 +132,7 @@ class InternVLChatConfig(PreTrainedConfig):
     @property
     def is_multipath_encoder(self) -> bool:
         """LLaVA-HR's `is_multipath_encoder`: the vision side is the CLIP + ConvNeXt multi-path encoder."""
-        return isinstance(self.vision_config, MultiPathVisionConfig)
+        return self.vision_config.model_type == MultiPathVisionConfig.model_type
 
     @property
     def mm_hidden_size(self) -> int:

@@ -31,19 +31,22 @@ from .modeling_multipath import MultiPathVisionModel
 
 logger = logging.get_logger(__name__)
 
-# Vision tower class per vision-config class: one row per tower.
+# Vision tower class per vision `model_type`: one row per tower.
+# [IMPORTANT] keyed by model_type, not config class: with trust_remote_code, transformers may import the sibling
+# config module more than once, so `isinstance(config, InternViTConfig)` can be False for a genuine InternViTConfig.
 VISION_TOWERS = {
-    CLIPVisionConfig: CLIPVisionModel,
-    InternViTConfig: InternViTModel,
-    MultiPathVisionConfig: MultiPathVisionModel,
+    CLIPVisionConfig.model_type: CLIPVisionModel,
+    InternViTConfig.model_type: InternViTModel,
+    MultiPathVisionConfig.model_type: MultiPathVisionModel,
 }
 
 
 def build_vision_tower(vision_config) -> PreTrainedModel:
-    for config_class, model_class in VISION_TOWERS.items():
-        if isinstance(vision_config, config_class):
-            return model_class(vision_config)
-    raise ValueError(f"No vision tower for config {type(vision_config).__name__}; known: {list(VISION_TOWERS)}")
+    if vision_config.model_type not in VISION_TOWERS:
+        raise ValueError(
+            f"No vision tower for model_type {vision_config.model_type!r}; known: {sorted(VISION_TOWERS)}"
+        )
+    return VISION_TOWERS[vision_config.model_type](vision_config)
 
 
 @dataclass
