@@ -135,6 +135,16 @@ class InternVLChatConfig(PreTrainedConfig):
         return self.vision_config.model_type == MultiPathVisionConfig.model_type
 
     @property
+    def input_image_size(self) -> int | None:
+        """LLaVA-HR's `input_image_size` (768 for LLaVAR-2); None for single-path towers."""
+        return getattr(self.vision_config, "input_image_size", None) if self.is_multipath_encoder else None
+
+    @property
+    def freeze_vision(self) -> bool:
+        """LLaVA-HR's `freeze_vision`: False switches on the mixture-of-resolution adapters (vision side trained)."""
+        return getattr(self.vision_config, "freeze_vision", True)
+
+    @property
     def mm_hidden_size(self) -> int:
         """Width of the vision features entering the projector (LLaVA's `mm_hidden_size`)."""
         return self.vision_config.hidden_size
