@@ -236,12 +236,54 @@ def _spans_to_mask(text: str, offsets: list[tuple[int, int]], spans: list[tuple[
     return mask
 
 
+def _tokenize_with_offsets(
+    tokenizer: Any, text: str, add_special_tokens: bool
+) -> tuple[list[int], list[tuple[int, int]]]:
+    encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return list(encoding["input_ids"]), [(int(a), int(b)) for a, b in encoding["offset_mapping"]]
+
+
+def _tokenize_piecewise(
+    tokenizer: Any, text: str, add_special_tokens: bool, image_token: str, image_token_id: int, image_seq_length: int
+) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    """LLaVA's ``tokenizer_image_token`` with character offsets into the full ``text``.
+
+    Mirrors ``InternVLChatProcessor._tokenize`` exactly: the text is cut at each ``image_token``, every piece is
+    tokenized on its own (the first one with special tokens), and ``image_seq_length`` copies of ``image_token_id``
+    are put between the pieces. Offsets of a piece are shifted by the piece's start; the image ids get the
+    character range of their placeholder (so a placeholder inside a supervised span counts as covered) and are
+    returned in ``image_positions`` so the caller can exclude them from the labels.
+    """
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    image_positions: list[int] = []
+    start = 0
+    for j, piece in enumerate(text.split(image_token)):
+        if j > 0:
+            image_start = start - len(image_token)
+            image_positions.extend(range(len(ids), len(ids) + image_seq_length))
+            ids.extend([image_token_id] * image_seq_length)
+            offsets.extend([(image_start, start)] * image_seq_length)
+        special = add_special_tokens and j == 0
+        # [IMPORTANT] same condition as the processor: an empty piece is tokenized only when it carries BOS.
+        if piece or special:
+            piece_ids, piece_offsets = _tokenize_with_offsets(tokenizer, piece, special)
+            ids.extend(piece_ids)
+            # Special tokens added by the tokenizer (BOS) have empty (0, 0) offsets: keep them empty after the shift.
+            offsets.extend((a + start, b + start) if b > a else (start, start) for a, b in piece_offsets)
+        start += len(piece) + len(image_token)
+    return ids, offsets, image_positions
+
+
 def encode_chat(
     tokenizer: Any,
     messages: list[dict[str, Any]],
     template: str,
     add_generation_prompt: bool = False,
     add_special_tokens: bool | None = None,
+    image_token: str | None = None,
+    image_seq_length: int = 1,
+    image_token_id: int | None = None,
     **template_kwargs: Any,
 ) -> dict[str, Any]:
     """Render and tokenize a conversation, with the assistant mask taken from the template's generation spans.
@@ -253,12 +295,21 @@ def encode_chat(
         add_generation_prompt: append the assistant prefix (inference).
         add_special_tokens: ``None`` (default) adds the tokenizer's special tokens (BOS) unless the rendered text
             already starts with ``tokenizer.bos_token`` (transformers' processor rule); ``True``/``False`` force it.
+        image_token: when given (e.g. ``"<image>"``), tokenize LLaVA-style like ``InternVLChatProcessor``: the
+            text is cut at each ``image_token``, each piece is tokenized separately (the first with special
+            tokens) and ``image_seq_length`` copies of ``image_token_id`` (default: the tokenizer's id of
+            ``image_token``) are inserted. The ids then equal the processor's ids for the same text, which is what
+            the model sees at inference; image positions are never in the mask. ``None`` (default) tokenizes the
+            whole text in one call (text-only use, ``test_templates``).
+        image_seq_length: image-token ids per placeholder (576 for CLIP-L/336, ``processor.image_seq_length``).
+        image_token_id: id of the image token (default: looked up in the tokenizer).
         **template_kwargs: template variables (e.g. ``double_bos=True`` for ``llama3``).
 
     Returns:
-        ``{"input_ids": list[int], "assistant_masks": list[int], "text": str}``; ``assistant_masks[i] == 1`` for
-        the supervised tokens (each answer and its terminator). Labels are ``input_ids`` where the mask is 1,
-        else -100. Raises ``ValueError`` if a supervised span cannot be mapped to tokens.
+        ``{"input_ids": list[int], "assistant_masks": list[int], "text": str, "image_positions": list[int]}``;
+        ``assistant_masks[i] == 1`` for the supervised tokens (each answer and its terminator). Labels are
+        ``input_ids`` where the mask is 1, else -100. Raises ``ValueError`` if a supervised span cannot be mapped to
+        tokens.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"encode_chat needs a fast tokenizer (character offsets); got {type(tokenizer).__name__}")
@@ -266,8 +317,18 @@ def encode_chat(
     if add_special_tokens is None:
         bos = tokenizer.bos_token
         add_special_tokens = not (bos is not None and text.startswith(bos))
-    encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    offsets = [(int(a), int(b)) for a, b in encoding["offset_mapping"]]
+    image_positions: list[int] = []
+    if image_token is None:
+        input_ids, offsets = _tokenize_with_offsets(tokenizer, text, add_special_tokens)
+    else:
+        if image_token_id is None:
+            image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+            if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+                raise ValueError(f"The tokenizer has no {image_token!r} token; pass image_token_id or add it.")
+        input_ids, offsets, image_positions = _tokenize_piecewise(
+            tokenizer, text, add_special_tokens, image_token, int(image_token_id), int(image_seq_length)
+        )
     mask = _spans_to_mask(text, offsets, spans)
-    return {"input_ids": input_ids, "assistant_masks": mask, "text": text}
+    for position in image_positions:
+        mask[position] = 0  # image features are inputs, never targets
+    return {"input_ids": input_ids, "assistant_masks": mask, "text": text, "image_positions": image_positions}
