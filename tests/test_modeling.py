@@ -203,3 +203,28 @@ def test_llava_hr_fields():
     assert config.mm_hidden_size == 1024 and config.image_seq_length == 576
     clip = tiny_clip_llama_config()
     assert not clip.is_multipath_encoder and clip.input_image_size is None
+
+
+def test_skip_logits_loss_equals_full_logits_loss(tiny_model):
+    ids, pixel_values = sample_inputs()
+    labels = ids.clone()
+    labels[:, :20] = -100  # BOS, image tokens and the first text token unsupervised
+    full = tiny_model(input_ids=ids, pixel_values=pixel_values, labels=labels)
+    fast = tiny_model(input_ids=ids, pixel_values=pixel_values, labels=labels, skip_logits=True)
+    assert fast.logits is None and full.logits is not None
+    assert torch.allclose(fast.loss, full.loss, atol=1e-6)
+    n = (labels[:, 1:] != -100).sum()
+    with_items = tiny_model(
+        input_ids=ids, pixel_values=pixel_values, labels=labels, skip_logits=True, num_items_in_batch=n * 2
+    )
+    assert torch.allclose(with_items.loss * 2, full.loss, atol=1e-6)
+
+
+def test_frozen_tower_runs_without_autograd(tiny_model):
+    tiny_model.train()
+    tiny_model.model.vision_tower.requires_grad_(False)
+    ids, pixel_values = sample_inputs()
+    features = tiny_model.model.get_image_features(pixel_values)
+    assert features.requires_grad  # the projector still trains
+    grads = torch.autograd.grad(features.sum(), tiny_model.model.multi_modal_projector.linear_1.weight)
+    assert grads[0].abs().sum() > 0

@@ -15,6 +15,7 @@ number of image tokens equals the number of image features, then `masked_scatter
 This file is part of the Hub unit: it imports only torch, transformers' public API and its sibling files.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,27 @@ class InternVLChatCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+
+
+def supervised_cross_entropy(lm_head, hidden_states, labels, num_items_in_batch=None, chunk_size: int = 4096):
+    """Next-token cross-entropy computed only where the shifted label is not -100, in chunks of positions.
+
+    Same value as transformers' `ForCausalLMLoss` on full logits (float32 logits, sum over supervised tokens divided
+    by `num_items_in_batch` or their count), without the (batch, seq, vocab) logits tensor.
+    """
+    shift_labels = labels[:, 1:].to(hidden_states.device)
+    mask = shift_labels != -100
+    selected = hidden_states[:, :-1][mask]  # (n_supervised, width)
+    targets = shift_labels[mask]
+    total = hidden_states.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_size):
+        logits = lm_head(selected[start : start + chunk_size]).float()
+        total = total + nn.functional.cross_entropy(logits, targets[start : start + chunk_size], reduction="sum")
+    if num_items_in_batch is None:
+        return total / mask.sum().clamp(min=1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 class InternVLChatProjector(nn.Module):
@@ -136,6 +158,14 @@ class InternVLChatModel(InternVLChatPreTrainedModel):
         """(num_images, 3, H, W) → projected features (num_images, image_seq_length, llm_width)."""
         tower = self.vision_tower
         pixel_values = pixel_values.to(dtype=tower.dtype)
+        # A frozen tower (stages 1 and 2 of LLaVA) needs no autograd graph: running it under no_grad stores no
+        # activations and skips its gradient checkpointing.
+        frozen = not any(p.requires_grad for p in tower.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            features = self._select_features(tower, pixel_values)
+        return self.multi_modal_projector(features)
+
+    def _select_features(self, tower, pixel_values):
         if self.config.is_multipath_encoder:
             # The multi-path encoder returns its fused fast/slow tokens: no select layer, no CLS.
             features = tower(pixel_values, return_dict=True).last_hidden_state
@@ -146,7 +176,7 @@ class InternVLChatModel(InternVLChatPreTrainedModel):
             features = outputs.hidden_states[self.config.vision_feature_layer]
             if self.config.vision_feature_select_strategy == "patch":
                 features = features[:, 1:]
-        return self.multi_modal_projector(features)
+        return features
 
     def merge_image_features(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
@@ -277,8 +307,11 @@ class InternVLChatForConditionalGeneration(InternVLChatPreTrainedModel, Generati
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool = False,
         **kwargs,
     ) -> InternVLChatCausalLMOutputWithPast:
+        """Causal-LM forward. With `labels` and `skip_logits=True` the loss is computed from the supervised positions
+        only (no full-vocabulary logits; `logits` is None), the training fast path."""
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -292,15 +325,19 @@ class InternVLChatForConditionalGeneration(InternVLChatPreTrainedModel, Generati
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        # logits_to_keep=0 keeps every position; an int N keeps the last N (generation needs only the last one).
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
+        loss = logits = None
+        if labels is not None and skip_logits:
+            # Project only the supervised positions through lm_head: image, prompt and padding tokens (most of a
+            # LLaVA sample) never get full-vocabulary logits. `logits` is None in this mode.
+            loss = supervised_cross_entropy(self.lm_head, hidden_states, labels, kwargs.get("num_items_in_batch"))
+        else:
+            # logits_to_keep=0 keeps every position; an int N keeps the last N (generation needs only the last).
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                )
         return InternVLChatCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
