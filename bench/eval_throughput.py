@@ -1,0 +1,196 @@
+"""Evaluation throughput on a GPU: questions/s of `internvl-chat eval`'s runner vs a LLaVA-style batch-1 loop.
+
+    python bench/eval_throughput.py                                  # 7B shapes, fp16, 256 questions
+    python bench/eval_throughput.py --questions 512 --batch-sizes 1,8,16,32,64 --max-new-tokens 6
+    python bench/eval_throughput.py --tiny --device cpu --questions 16  # smoke test of the script itself
+
+Both sides run a random-weight model with LLaVA-1.5-7B's shapes (CLIP ViT-L/14-336 + Vicuna-7B, 576 image tokens,
+fp16, SDPA) on the same short-answer task: VQAv2-style questions + "Answer the question using a single word or
+phrase.", images of varied sizes stored as JPEG files (decoded and padded to square per question, as LLaVA does).
+
+* ours: `internvl_chat.eval.runner.generate_predictions` (length-sorted left-padded batches, images decoded in a
+  thread pool while the GPU generates) at every batch size of ``--batch-sizes``; the best is reported.
+* baseline: transformers-native `LlavaForConditionalGeneration` with the same shapes, driven like LLaVA's
+  ``model_vqa_loader.py``: one question at a time (open image, processor, generate, decode).
+
+Random weights never emit EOS, so every answer is exactly ``--max-new-tokens`` tokens (default 6, about a real
+short answer plus EOS); questions/s counts wall time including image decoding. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizers" / "vicuna-v1.5"
+QUESTIONS = ["What color is the bus?", "How many people are there?", "Is this a kitchen?", "What is on the table?",
+             "What sport is being played?", "Where is the cat sitting?", "What is the man holding in his hand?",
+             "Is it raining?"]  # fmt: skip
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(n):
+        h, w = int(rng.integers(240, 640)), int(rng.integers(240, 640))
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(folder / f"{i}.jpg", quality=90)
+        names.append(f"{i}.jpg")
+    return names
+
+
+def build_ours(tiny: bool, device: str, dtype: torch.dtype):
+    from internvl_chat.hub.create import build_processor, prepare_tokenizer
+    from internvl_chat.modeling import InternVLChatForConditionalGeneration
+    from internvl_chat.presets import build_config, get_preset
+    from internvl_chat.templates import TEMPLATES
+
+    preset = "llava-v1.5-7b"
+    tok, vocab = prepare_tokenizer(str(TOKENIZER), get_preset(preset).model_max_length)
+    config = build_config(
+        preset,
+        vocab_size=vocab,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        tiny=tiny,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config.pad_token_id = tok.pad_token_id
+    with torch.device("meta"):
+        model = InternVLChatForConditionalGeneration(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.init_weights()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(s) for s in TEMPLATES["vicuna_v1"].stop_strings]
+    processor = build_processor(preset, tok, config.image_seq_length, tiny)
+    return model.eval(), processor, config
+
+
+def build_llava(our_config, tokenizer, device: str, dtype: torch.dtype):
+    """transformers' Llava with the same vision / text shapes (CLIP keeps CLS in the hidden states; "default" drops
+    it, like LLaVA's "patch")."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    vision = our_config.vision_config.to_dict()
+    text = our_config.text_config.to_dict()
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=our_config.image_token_id,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=our_config.image_seq_length)  # fmt: skip
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.init_weights()
+    size = vision["image_size"]
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision["patch_size"],
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)  # fmt: skip
+    return model.eval(), processor
+
+
+def llava_loop(model, processor, prompts, image_paths, max_new_tokens: int, device: str, dtype) -> float:
+    """LLaVA's model_vqa_loader.py, one question at a time; returns seconds."""
+    start = time.perf_counter()
+    for prompt, path in zip(prompts, image_paths):
+        image = Image.open(path).convert("RGB")
+        inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+        processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=256)
+    parser.add_argument("--batch-sizes", default="1,8,16,32,64")
+    parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--num-workers", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dtype = getattr(torch, args.dtype) if args.device != "cpu" else torch.float32
+    torch.manual_seed(0)
+
+    from internvl_chat.eval.runner import build_prompt, generate_predictions
+    from internvl_chat.eval.tasks import SHORT_ANSWER, Sample
+
+    model, processor, config = build_ours(args.tiny, args.device, dtype)
+    result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+              "shapes": "llava-v1.5-7b" + (" (tiny)" if args.tiny else ""), "dtype": str(dtype),
+              "questions": args.questions, "max_new_tokens": args.max_new_tokens,
+              "parameters": sum(p.numel() for p in model.parameters()), "ours": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        names = make_images(folder, args.questions)
+        samples = [Sample(i, f"{QUESTIONS[i % len(QUESTIONS)]}\n{SHORT_ANSWER}", str(folder / n))
+                   for i, n in enumerate(names)]  # fmt: skip
+        # Warm-up (CUDA kernels, allocator) on a few questions.
+        generate_predictions(model, processor, samples[:4], folder / "warm.jsonl", batch_size=4,
+                             max_new_tokens=args.max_new_tokens, num_workers=args.num_workers)  # fmt: skip
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            out = folder / f"ours_{bs}.jsonl"
+            start = time.perf_counter()
+            try:
+                generate_predictions(
+                    model,
+                    processor,
+                    samples,
+                    out,
+                    batch_size=bs,
+                    max_new_tokens=args.max_new_tokens,
+                    num_workers=args.num_workers,
+                    desc=f"bs{bs}",
+                )
+            except torch.OutOfMemoryError:
+                result["ours"][f"batch_{bs}"] = "OOM"
+                torch.cuda.empty_cache()
+                continue
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            result["ours"][f"batch_{bs}"] = round(args.questions / (time.perf_counter() - start), 2)
+        numeric = {k: v for k, v in result["ours"].items() if isinstance(v, float)}
+        best = max(numeric, key=numeric.get)
+        result["ours_best"] = {"batch_size": int(best.split("_")[1]), "questions_per_second": numeric[best]}
+
+        if not args.skip_baseline:
+            del model
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            llava, llava_proc = build_llava(config, processor.tokenizer, args.device, dtype)
+            prompts = [build_prompt(processor, s) for s in samples]
+            llava_loop(
+                llava, llava_proc, prompts[:4], [s.image for s in samples[:4]], args.max_new_tokens, args.device, dtype
+            )  # fmt: skip  (warm-up)
+            seconds = llava_loop(llava, llava_proc, prompts, [s.image for s in samples], args.max_new_tokens,
+                                 args.device, dtype)  # fmt: skip
+            result["transformers_llava_batch1"] = round(args.questions / seconds, 2)
+            result["speedup_best_vs_llava_batch1"] = round(numeric[best] / result["transformers_llava_batch1"], 2)
+            if "batch_1" in numeric:
+                result["speedup_ours_batch1_vs_llava_batch1"] = round(
+                    numeric["batch_1"] / result["transformers_llava_batch1"], 2
+                )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""Judge-model scoring (MM-Vet, LLaVA-Bench-in-the-Wild, MMBench answer extraction) through any OpenAI-compatible
+chat endpoint, with retries and an on-disk cache of judgements.
+
+    export INTERNVL_JUDGE_BASE_URL=https://api.openai.com/v1      # or OPENAI_BASE_URL; our `internvl-chat serve`
+    export INTERNVL_JUDGE_MODEL=gpt-4-0613                        # the judge the papers used (MM-Vet)
+    export INTERNVL_JUDGE_API_KEY=sk-...                          # or OPENAI_API_KEY; optional for local servers
+    internvl-chat eval --model DIR --task mmvet --data llava-mm-vet.jsonl --image-folder images
+
+    client = JudgeClient("http://127.0.0.1:8000/v1", "gpt-4-0613", cache_path="judge_cache.jsonl")
+    client.chat([{"role": "user", "content": "..."}], temperature=0.0, max_tokens=3)
+
+The prompts and rules are the originals': MM-Vet's few-shot grading table (``mm-vet_evaluator.py``: max_tokens 3,
+retry with "Predict the correctness of the answer (digit): " and +0.5 temperature, 0.0 after five failures) and
+LLaVA's ``eval_gpt_review_bench.py`` with the ``llava_bench_*`` rules of ``table/rule.json`` (temperature 0.2,
+reference = GPT-4's answer as Assistant 1, the model as Assistant 2). The cache key is a hash of (model, messages,
+temperature, max_tokens), so reruns cost nothing and a changed prompt is judged again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import metrics
+
+logger = logging.getLogger(__name__)
+
+MMVET_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
+
+Question | Ground truth | Prediction | Correctness
+--- | --- | --- | ---
+What is x in the equation? | -1 <AND> -5 | x = 3 | 0.0
+What is x in the equation? | -1 <AND> -5 | x = -1 | 0.5
+What is x in the equation? | -1 <AND> -5 | x = -5 | 0.5
+What is x in the equation? | -1 <AND> -5 | x = -5 or 5 | 0.5
+What is x in the equation? | -1 <AND> -5 | x = -1 or x = -5 | 1.0
+Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the names of these countries do not accurately represent their landscapes. | The meme talks about Iceland and Greenland. It's pointing out that despite their names, Iceland is not very icy and Greenland isn't very green. | 0.4
+Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the names of these countries do not accurately represent their landscapes. | The meme is using humor to point out the misleading nature of Iceland's and Greenland's names. Iceland, despite its name, has lush green landscapes while Greenland is mostly covered in ice and snow. The text 'This is why I have trust issues' is a playful way to suggest that these contradictions can lead to distrust or confusion. The humor in this meme is derived from the unexpected contrast between the names of the countries and their actual physical characteristics. | 1.0
+"""  # noqa: E501
+MMVET_RETRY_SUFFIX = "\nPredict the correctness of the answer (digit): "
+
+LLAVA_BENCH_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+LLAVA_BENCH_RULE = (
+    "We would like to request your feedback on the performance of two AI assistants in response to the user "
+    "question displayed above. The user asks the question on observing an image. For your reference, the visual "
+    "content in the image is represented with a few sentences describing the image. \nPlease rate the helpfulness, "
+    "relevance, accuracy, level of details of their responses. Each assistant receives an overall score on a scale "
+    "of 1 to 10, where a higher score indicates better overall performance.\nPlease first output a single line "
+    "containing only two values indicating the scores for Assistant 1 and 2, respectively. The two scores are "
+    "separated by a space.\nIn the subsequent line, please provide a comprehensive explanation of your evaluation, "
+    "avoiding any potential bias and ensuring that the order in which the responses were presented does not affect "
+    "your judgment."
+)
+# rule.json holds the same text for llava_bench_conv, llava_bench_detail and llava_bench_complex (role "Assistant").
+LLAVA_BENCH_RULES = {c: {"role": "Assistant", "prompt": LLAVA_BENCH_RULE} for c in ("conv", "detail", "complex")}
+
+MMBENCH_EXTRACT_PROMPT = (
+    "You are an AI assistant who will help me to match an answer with several options of a single-choice question. "
+    "You are provided with a question, several options, and an answer, and you need to find which option is most "
+    "similar to the answer. If the meaning of all options are significantly different from the answer, output Z. "
+    "Your should output a single uppercase character in A, B, C, D (if they are valid options), and Z. \n"
+    "Example 1: \nQuestion: What is the main object in image?\nOptions: A. teddy bear B. rabbit C. cat D. dog\n"
+    "Answer: a cute teddy bear\nYour output: A\nExample 2: \nQuestion: What is the main object in image?\n"
+    "Options: A. teddy bear B. rabbit C. cat D. dog\nAnswer: Spider\nYour output: Z\nExample 3: \n"
+    "Question: {}?\nOptions: {}\nAnswer: {}\nYour output: "
+)
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint kept failing (after retries) or refused the request."""
+
+
+class JudgeClient:
+    """Minimal OpenAI-compatible ``/chat/completions`` client: retries with exponential backoff on connection
+    errors, 429 and 5xx (honouring ``Retry-After``), and a JSONL cache of every answer."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        cache_path: str | os.PathLike | None = None,
+        max_retries: int = 6,
+        timeout: float = 120.0,
+        backoff: float = 1.0,
+        concurrency: int = 4,
+        transport=None,
+    ):
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.concurrency = concurrency
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self._lock = threading.Lock()
+        self.cache_path = Path(cache_path) if cache_path else None
+        self.cache: dict[str, str] = {}
+        self.calls = 0  # requests actually sent (cache misses), for tests and logs
+        if self.cache_path and self.cache_path.exists():
+            with open(self.cache_path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a crash
+                    self.cache[rec["key"]] = rec["content"]
+
+    @classmethod
+    def from_env(cls, cache_path: str | os.PathLike | None = None, **kwargs) -> JudgeClient | None:
+        """``INTERNVL_JUDGE_BASE_URL`` (or ``OPENAI_BASE_URL``), ``INTERNVL_JUDGE_MODEL`` (default gpt-4-0613),
+        ``INTERNVL_JUDGE_API_KEY`` (or ``OPENAI_API_KEY``); ``None`` when no base URL is set."""
+        base_url = os.environ.get("INTERNVL_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            return None
+        model = os.environ.get("INTERNVL_JUDGE_MODEL", "gpt-4-0613")
+        key = os.environ.get("INTERNVL_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        return cls(base_url, model, key, cache_path=cache_path, **kwargs)
+
+    def _key(self, payload: dict) -> str:
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def chat(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 1024) -> str:
+        payload = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+        key = self._key(payload)
+        with self._lock:
+            if key in self.cache:
+                return self.cache[key]
+        content = self._post(payload)
+        with self._lock:
+            self.cache[key] = content
+            if self.cache_path:
+                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.cache_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"key": key, "model": self.model, "content": content}, ensure_ascii=False))
+                    f.write("\n")
+        return content
+
+    def _post(self, payload: dict) -> str:
+        import httpx
+
+        last = None
+        for attempt in range(self.max_retries + 1):
+            wait = self.backoff * 2**attempt
+            try:
+                with self._lock:
+                    self.calls += 1
+                response = self._http.post(f"{self.base_url}/chat/completions", json=payload)
+                if response.status_code == 200:
+                    return response.json()["choices"][0]["message"]["content"] or ""
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+                if response.status_code != 429 and response.status_code < 500:
+                    raise JudgeError(f"judge refused the request ({last})")
+                retry_after = response.headers.get("retry-after")
+                if retry_after and retry_after.replace(".", "", 1).isdigit():
+                    wait = float(retry_after)
+            except (httpx.TransportError, ValueError, KeyError, IndexError) as err:
+                last = repr(err)
+            if attempt < self.max_retries:
+                logger.warning(
+                    "judge call failed (%s); retry %d/%d in %.1fs", last, attempt + 1, self.max_retries, wait
+                )
+                time.sleep(min(wait, 60.0))
+        raise JudgeError(f"judge at {self.base_url} failed after {self.max_retries + 1} attempts: {last}")
+
+    def map(self, fn, items):
+        """``fn`` over ``items`` with up to ``concurrency`` requests in flight; results in input order."""
+        if self.concurrency <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(fn, items))
+
+
+def mmvet_query(question: str, answer: str, prediction: str) -> str:
+    """The MM-Vet grading prompt of one sample (the ground truth's <AND>/<OR> padded with spaces, as the original)."""
+    gt = answer.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+    return MMVET_PROMPT + "\n" + " | ".join([question, gt, prediction, ""])
+
+
+def judge_mmvet_one(client: JudgeClient, question: str, answer: str, prediction: str) -> tuple[float, str]:
+    """MM-Vet's grading loop: parse the first token; on failure re-ask with the digit suffix at temperature
+    0, 0.5, 1.0, 1.5, 2.0; after the fifth re-ask the score is 0.0 (that last answer is not read, as in the
+    original)."""
+    query = mmvet_query(question, answer, prediction)
+    content = client.chat([{"role": "user", "content": query}], temperature=0.0, max_tokens=3)
+    tries, temperature = 1, 0.0
+    while True:
+        score = metrics.mmvet_parse_score(content)
+        if score is not None:
+            return score, content
+        content = client.chat(
+            [{"role": "user", "content": query + MMVET_RETRY_SUFFIX}], temperature=temperature, max_tokens=3
+        )
+        tries += 1
+        temperature += 0.5
+        if tries > 5:
+            return 0.0, content
+
+
+def judge_mmvet(client: JudgeClient, pairs) -> list[dict]:
+    """Scores (sample, prediction) pairs of the mmvet task → records with score, capability, judge content."""
+
+    def one(pair):
+        sample, prediction = pair
+        score, content = judge_mmvet_one(client, sample.target["question"], sample.target["answer"], prediction)
+        return {"id": sample.key, "score": score, "capability": sample.target["capability"], "content": content}
+
+    return client.map(one, list(pairs))
+
+
+def llava_bench_content(caption: str | list, question: str, reference: str, answer: str, category: str) -> str:
+    """LLaVA's eval_gpt_review_bench user message (reference answer = Assistant 1, model = Assistant 2)."""
+    rule = LLAVA_BENCH_RULES.get(category)
+    if rule is None:
+        raise ValueError(f"Visual QA category not found in rule file: llava_bench_{category}.")
+    cap = "\n".join(caption) if isinstance(caption, list) else str(caption)
+    role = rule["role"]
+    return (
+        f"[Context]\n{cap}\n\n"
+        f"[Question]\n{question}\n\n"
+        f"[{role} 1]\n{reference}\n\n[End of {role} 1]\n\n"
+        f"[{role} 2]\n{answer}\n\n[End of {role} 2]\n\n"
+        f"[System]\n{rule['prompt']}\n\n"
+    )
+
+
+def judge_llava_bench(client: JudgeClient, pairs) -> list[dict]:
+    """Reviews (sample, prediction) pairs of llava_bench → records with category, tuple [reference, model]."""
+
+    def one(pair):
+        sample, prediction = pair
+        t = sample.target
+        content = llava_bench_content(t["caption"], t["question"], t["reference"], prediction, sample.meta["category"])
+        messages = [{"role": "system", "content": LLAVA_BENCH_SYSTEM}, {"role": "user", "content": content}]
+        review = client.chat(messages, temperature=0.2, max_tokens=1024)
+        scores = metrics.llava_bench_parse_score(review)
+        return {"id": sample.key, "category": sample.meta["category"], "tuple": scores, "content": review}
+
+    return client.map(one, list(pairs))
+
+
+def judge_mcq_letter(client: JudgeClient, question: str, choices: dict, answer: str) -> str | None:
+    """MMBench's ChatGPT fallback: ask which option the answer means; the reply is read with the same rules."""
+    options = " ".join(f"{k}. {v}" for k, v in choices.items())
+    prompt = MMBENCH_EXTRACT_PROMPT.format(question.strip().rstrip("?").strip(), options, answer)
+    reply = client.chat([{"role": "user", "content": prompt}], temperature=0.0, max_tokens=16)
+    letter = metrics.mcq_extract(reply, choices)
+    return letter if letter in choices else None
