@@ -1,0 +1,76 @@
+"""Greedy decode benchmark: ours vs transformers-native Llava, same process, same 7B-shaped random weights.
+
+    PYTHONPATH=src python3 bench/decode.py --batch-sizes 1 16 64 --new-tokens 128 --out bench/results/decode.json
+
+Prompts are [BOS, 576 image tokens, 64 text tokens] with random pixels. For each batch size it times (median of
+runs after warm-up, end to end including prefill): native `generate` (dynamic cache), native `generate` with
+`cache_implementation="static"` (transformers compiles the step itself: its best effort), ours through `generate`,
+and ours through `FastGreedyDecoder`; plus time to first token. Prints one JSON object.
+"""
+
+import argparse
+import sys
+
+import torch
+from common import build_pair, environment, prompts, timed, write
+
+from internvl_chat.generation import FastGreedyDecoder
+
+
+def run_batch(ours, llava, batch, n, skip):
+    ids, mask, pixels = prompts(batch)
+    common = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False)
+    decoder = FastGreedyDecoder(ours, max_batch_size=batch, max_length=ids.shape[1] + n + 8)
+    workloads = {
+        "native": (lambda: llava.generate(**common, max_new_tokens=n, min_new_tokens=n), 1),
+        "native_static": (
+            lambda: llava.generate(**common, max_new_tokens=n, min_new_tokens=n, cache_implementation="static"),
+            2,
+        ),
+        "ours": (lambda: ours.generate(**common, max_new_tokens=n, min_new_tokens=n), 1),
+        "ours_fast": (lambda: decoder.generate(ids, mask, pixels, max_new_tokens=n), 2),
+    }
+    row = {"batch": batch, "new_tokens": n, "prompt_tokens": ids.shape[1]}
+    row["ttft_native_s"] = timed(lambda: llava.generate(**common, max_new_tokens=1), warmup=1, repeat=3)
+    row["ttft_ours_s"] = timed(lambda: decoder.generate(ids, mask, pixels, max_new_tokens=1), warmup=1, repeat=3)
+    for name, (fn, warmup) in workloads.items():
+        if name in skip:
+            continue
+        seconds = timed(fn, warmup=warmup, repeat=2 if batch == 1 else 3)
+        row[f"{name}_tokens_per_s"] = round(batch * n / seconds, 1)
+        print(f"batch {batch:>3} {name:<14} {batch * n / seconds:9.1f} tokens/s", flush=True)
+    # Same greedy tokens? (bf16: a near-tie can flip a token and everything after it; report equal positions)
+    ref = llava.generate(**common, max_new_tokens=n, min_new_tokens=n)[:, ids.shape[1] :]
+    row["fast_vs_native_token_agreement"] = round(
+        float((ref == decoder.generate(ids, mask, pixels, n)).float().mean()), 4
+    )
+    fast = row.get("ours_fast_tokens_per_s")
+    for base in ("native", "native_static"):
+        if fast and row.get(f"{base}_tokens_per_s"):
+            row[f"speedup_vs_{base}"] = round(fast / row[f"{base}_tokens_per_s"], 2)
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--skip", nargs="*", default=[], help="workloads to skip: native native_static ours ours_fast")
+    parser.add_argument("--out", default="bench/results/decode.json")
+    args = parser.parse_args(argv)
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ours, llava = build_pair()
+    results = {"env": environment(), "command": "python3 bench/decode.py " + " ".join(sys.argv[1:]), "rows": []}
+    for batch in args.batch_sizes:
+        row = run_batch(ours, llava, batch, args.new_tokens, args.skip)
+        results["rows"].append(row)
+        print(row, flush=True)
+        torch.cuda.empty_cache()
+    results["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    write(args.out, results)
+    print(results)
+
+
+if __name__ == "__main__":
+    main()
