@@ -92,7 +92,7 @@ def main(argv=None) -> int:
 
     from internvl_chat.data.scoring import METRICS, ConditionalLossScorer
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = args.device or str(accelerator.device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model, processor = build(args.tiny, device, dtype)
