@@ -14,6 +14,11 @@ if ! python -c "import torch, torchvision" 2>/dev/null; then
   python -m pip install -q torch==2.14.1 torchvision==0.29.1 || python -m pip install -q "torch>=2.6" torchvision
 fi
 python -m pip install -q -e ".[dev]"
+# Headless Chromium for the web-UI test (Debian package; skipped where apt is not available or we are not root).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
+    || echo "chromium install failed: the web UI test will skip"
+fi
 if [ ! -d .tf517/transformers ]; then
   python -m pip install -q --no-deps --target .tf517 "transformers==5.17.0" "huggingface_hub>=1.5,<2"
 fi

@@ -1,0 +1,183 @@
+"""Model options shared by `internvl-chat chat`, `serve` and `web`, and the loader behind them.
+
+    internvl-chat serve --model DIR [--dtype auto|float32|bfloat16|float16] [--device cpu|cuda|cuda:1]
+                        [--device-map auto] [--load-4bit | --load-8bit] [--model-base BASE]
+                        [--attn-implementation sdpa|eager|flash_attention_2]
+
+    from internvl_chat.serve.loading import add_model_args, load_model
+    add_model_args(parser); model, processor = load_model(**model_kwargs(parser.parse_args()))
+
+* `--device-map auto` spreads the model over every visible GPU (accelerate); `--device` puts it on one device.
+* `--load-4bit` / `--load-8bit` quantize the LLM with bitsandbytes (CUDA only; the vision tower and projector
+  stay in `--dtype`, as LLaVA does).
+* `--model-base BASE --model ADAPTER` serves an unmerged LoRA adapter (peft): the base checkpoint is loaded,
+  the adapter applied and merged in memory (merged weights generate faster and batch the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to change."""
+
+
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=required, help="model folder (or LoRA adapter folder with --model-base)")
+    group.add_argument("--model-base", help="base model folder when --model is an unmerged LoRA adapter (peft)")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="weights dtype; auto = bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on CPU",
+    )
+    group.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    group.add_argument("--device-map", help="'auto' spreads the model over all visible GPUs (needs accelerate)")
+    quant = group.add_mutually_exclusive_group()
+    quant.add_argument("--load-4bit", action="store_true", help="4-bit NF4 quantized LLM (bitsandbytes, CUDA)")
+    quant.add_argument("--load-8bit", action="store_true", help="8-bit quantized LLM (bitsandbytes, CUDA)")
+    group.add_argument("--attn-implementation", help="sdpa (default), eager or flash_attention_2")
+    return parser
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """The `load_model` keyword arguments from parsed `add_model_args` options."""
+    return dict(
+        model=args.model,
+        model_base=args.model_base,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        load_4bit=args.load_4bit,
+        load_8bit=args.load_8bit,
+        attn_implementation=args.attn_implementation,
+    )
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"Unknown --dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
+        return DTYPES[dtype]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _quantization_config(load_4bit: bool, load_8bit: bool, dtype: torch.dtype):
+    if not (load_4bit or load_8bit):
+        return None
+    # [IMPORTANT] import lazily: bitsandbytes is optional and imports CUDA libraries at import time.
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            "--load-4bit / --load-8bit need bitsandbytes, which is not installed: pip install bitsandbytes "
+            "(CUDA GPUs only)."
+        )
+    if not torch.cuda.is_available():
+        raise ModelLoadError("--load-4bit / --load-8bit need a CUDA GPU (bitsandbytes); none is visible.")
+    from transformers import BitsAndBytesConfig
+
+    # LLaVA's builder: quantize the LLM only; the vision tower and the projector are small and precision-sensitive.
+    skip = ["vision_tower", "multi_modal_projector", "lm_head"]
+    if load_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=skip,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def _check_folder(path: str, what: str) -> None:
+    if not Path(path).is_dir():
+        raise ModelLoadError(f"{what} {path!r} is not a folder (models are loaded from local folders).")
+
+
+def load_model(
+    model: str,
+    model_base: str | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    device_map: str | None = None,
+    load_4bit: bool = False,
+    load_8bit: bool = False,
+    attn_implementation: str | None = None,
+):
+    """Loads (model, processor) for inference (eval mode). Raises ModelLoadError with a clear message."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import internvl_chat  # noqa: F401  (registers the Auto classes; no trust_remote_code needed for our models)
+
+    if load_4bit and load_8bit:
+        raise ModelLoadError("Pass only one of --load-4bit and --load-8bit.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = resolve_dtype(dtype, device)
+    quantization = _quantization_config(load_4bit, load_8bit, torch_dtype)
+
+    weights_folder = model_base or model
+    _check_folder(weights_folder, "--model-base" if model_base else "--model")
+    if model_base:
+        _check_folder(model, "--model (LoRA adapter)")
+        if not (Path(model) / "adapter_config.json").is_file():
+            raise ModelLoadError(f"--model {model!r} has no adapter_config.json: it is not a peft LoRA adapter.")
+
+    kwargs: dict = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = device_map or {"": device if ":" in device else f"{device}:0"}
+    elif device_map:
+        if importlib.util.find_spec("accelerate") is None:
+            raise ModelLoadError("--device-map needs accelerate: pip install accelerate.")
+        kwargs["device_map"] = device_map
+    try:
+        loaded = AutoModelForImageTextToText.from_pretrained(weights_folder, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelLoadError(f"Could not load the model from {weights_folder!r}: {err}") from err
+    if "device_map" not in kwargs:
+        loaded = loaded.to(device)
+
+    if model_base:
+        if importlib.util.find_spec("peft") is None:
+            raise ModelLoadError("--model-base (LoRA adapter) needs peft: pip install peft.")
+        from peft import PeftModel
+
+        logger.info("applying the LoRA adapter %s to %s", model, model_base)
+        loaded = PeftModel.from_pretrained(loaded, model)
+        if quantization is None:
+            loaded = loaded.merge_and_unload()
+        # else: 4/8-bit base weights cannot take the merge; peft runs the adapter unmerged.
+
+    # The processor: the adapter folder's own when training saved one (a changed tokenizer or template), else the
+    # base model's.
+    processor_folder = model if model_base and (Path(model) / "processor_config.json").is_file() else weights_folder
+    try:
+        processor = AutoProcessor.from_pretrained(processor_folder)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"Could not load the processor from {processor_folder!r}: {err}") from err
+    # [IMPORTANT] batched generation needs left padding; a processor saved by a training run may say "right".
+    processor.tokenizer.padding_side = "left"
+    loaded.eval()
+    logger.info(
+        "loaded %s (%s, %s%s)",
+        os.path.basename(os.path.normpath(model)),
+        str(torch_dtype).replace("torch.", ""),
+        getattr(loaded, "hf_device_map", None) or loaded.device,
+        ", 4-bit" if load_4bit else ", 8-bit" if load_8bit else "",
+    )
+    return loaded, processor

@@ -1,0 +1,594 @@
+"""`internvl-chat serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with dynamic batching.
+
+    internvl-chat serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+        [--max-batch-size 16] [--batch-window-ms 10] [--max-queue 64] [--request-timeout 300]
+        [--allowed-local-media-path DIR] [--allow-remote-images] [model options: see loading.py]
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")
+    client.chat.completions.create(model="NAME", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+        {"type": "text", "text": "What is in the image?"}]}], max_tokens=64, stream=True)
+
+Endpoints: `POST /v1/chat/completions` (text and `image_url` parts; `max_tokens` / `max_completion_tokens`,
+`temperature`, `top_p`, `stop`, `stream` with `stream_options.include_usage`, `n=1`; extension:
+`image_aspect_ratio` = pad / square / resize), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
+
+Images: `data:` URLs always; local paths (or `file://` URLs) only inside `--allowed-local-media-path`; http(s)
+URLs only with `--allow-remote-images`. Every bad request gets a 4xx JSON body in OpenAI's error shape
+(`{"error": {"message", "type", "param", "code"}}`); over capacity answers 503 at once; the API key, when set
+(`--api-key` or `INTERNVL_CHAT_API_KEY`), is required as `Authorization: Bearer KEY` on /v1 routes.
+"""
+
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .engine import Engine, EngineError, Overloaded, SamplingParams
+from .loading import ModelLoadError, add_model_args, load_model, model_kwargs
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "INTERNVL_CHAT_API_KEY"
+
+
+@dataclass
+class ServerConfig:
+    """Limits and policy of the HTTP layer (the engine has its own: batch size, queue, timeout)."""
+
+    model_name: str = "internvl-chat"
+    api_key: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_images: int = 8
+    max_image_pixels: int = 4096 * 4096
+    max_tokens_limit: int = 2048
+    default_max_tokens: int = 512
+    allowed_local_media_path: str | None = None
+    allow_remote_images: bool = False
+    remote_image_timeout: float = 10.0
+    max_stop_sequences: int = 4
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Request schema (pydantic; unknown OpenAI fields such as `frequency_penalty` or `user` are accepted and ignored)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _schemas():
+    """Built lazily so that importing this module (e.g. for `make_parser`) does not import pydantic/fastapi."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class ImageURL(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        url: str
+        detail: str | None = None
+
+    class ContentPart(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        type: str
+        text: str | None = None
+        image_url: ImageURL | str | None = None
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        role: str
+        content: str | list[ContentPart] | None = None
+
+    class StreamOptions(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        include_usage: bool = False
+
+    class ChatCompletionRequest(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        model: str
+        messages: list[Message] = Field(min_length=1)
+        max_tokens: int | None = Field(default=None, ge=1)
+        max_completion_tokens: int | None = Field(default=None, ge=1)
+        temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+        top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+        stop: str | list[str] | None = None
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        n: int | None = Field(default=None, ge=1)
+        image_aspect_ratio: Literal["pad", "square", "resize"] | None = None
+
+    return ChatCompletionRequest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_local_path(url: str, config: ServerConfig, param: str) -> str:
+    if not config.allowed_local_media_path:
+        raise APIError(
+            400,
+            "Local image paths are disabled; send the image as a data: URL (or start the server with "
+            "--allowed-local-media-path DIR).",
+            param=param,
+            code="image_url_not_allowed",
+        )
+    path = url[len("file://") :] if url.startswith("file://") else url
+    root = os.path.realpath(config.allowed_local_media_path)
+    # [IMPORTANT] realpath resolves `..` and symlinks BEFORE the containment check, so neither can escape the root.
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise APIError(
+            400, f"Image path {path!r} is outside the allowed folder.", param=param, code="image_url_not_allowed"
+        )
+    return real
+
+
+def _download(url: str, config: ServerConfig, param: str) -> bytes:
+    import httpx
+
+    limit = config.max_body_bytes
+    try:
+        with httpx.stream("GET", url, timeout=config.remote_image_timeout, follow_redirects=True) as response:
+            response.raise_for_status()
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data.extend(chunk)
+                if len(data) > limit:
+                    raise APIError(400, f"Remote image {url!r} is larger than {limit} bytes.", param=param)
+            return bytes(data)
+    except httpx.HTTPError as err:
+        raise APIError(400, f"Could not download image {url!r}: {err}", param=param, code="invalid_image") from err
+
+
+def load_request_image(url: str, config: ServerConfig, param: str):
+    """One `image_url` → RGB PIL image, by the server's policy. Raises APIError (400)."""
+    from ..modeling.image_processing_internvl_chat import ImageLoadError, ImageTooLargeError, load_image
+
+    name = param
+    try:
+        if url.startswith("data:"):
+            if not url[5:].lower().startswith(("image/", ";", ",")):
+                raise APIError(400, f"{param}: data URL is not an image ({url[:40]!r}).", param=param)
+            return load_image(url, max_pixels=config.max_image_pixels, name=name)
+        if url.startswith(("http://", "https://")):
+            if not config.allow_remote_images:
+                raise APIError(
+                    400,
+                    "Remote image URLs are disabled on this server; send the image as a data: URL "
+                    "(or start it with --allow-remote-images).",
+                    param=param,
+                    code="image_url_not_allowed",
+                )
+            return load_image(_download(url, config, param), max_pixels=config.max_image_pixels, name=name)
+        if url.startswith("file://") or url.startswith("/") or url.startswith("."):
+            path = _resolve_local_path(url, config, param)
+            return load_image(path, max_pixels=config.max_image_pixels, name=name)
+        raise APIError(
+            400,
+            f"{param}: unsupported image URL (expected a data: URL, an http(s) URL or an allowed local path).",
+            param=param,
+            code="invalid_image",
+        )
+    except ImageTooLargeError as err:
+        raise APIError(400, str(err), param=param, code="image_too_large") from err
+    except (ImageLoadError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
+        raise APIError(400, f"Invalid image: {err}", param=param, code="invalid_image") from err
+
+
+def convert_messages(request, config: ServerConfig) -> tuple[list[dict], list]:
+    """OpenAI messages → (HF chat-template messages with {"type": "image"} blocks, PIL images in order)."""
+    messages, images = [], []
+    image_urls = []
+    for i, message in enumerate(request.messages):
+        role = "system" if message.role == "developer" else message.role
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"Unsupported role {message.role!r} in messages[{i}].", param=f"messages[{i}].role")
+        if message.content is None or isinstance(message.content, str):
+            messages.append({"role": role, "content": message.content or ""})
+            continue
+        blocks = []
+        for j, part in enumerate(message.content):
+            param = f"messages[{i}].content[{j}]"
+            if part.type == "text":
+                if part.text is None:
+                    raise APIError(400, f"{param}: a text part needs `text`.", param=param)
+                blocks.append({"type": "text", "text": part.text})
+            elif part.type == "image_url":
+                if role != "user":
+                    raise APIError(400, f"{param}: images are only accepted in user messages.", param=param)
+                url = part.image_url.url if hasattr(part.image_url, "url") else part.image_url
+                if not url:
+                    raise APIError(400, f"{param}: an image_url part needs `image_url.url`.", param=param)
+                image_urls.append((url, f"{param}.image_url"))
+                blocks.append({"type": "image"})
+            else:
+                raise APIError(
+                    400, f"{param}: unsupported content part type {part.type!r} (text, image_url).", param=param
+                )
+        messages.append({"role": role, "content": blocks})
+    if len(image_urls) > config.max_images:
+        raise APIError(
+            400,
+            f"Too many images: {len(image_urls)} (this server accepts at most {config.max_images} per request).",
+            param="messages",
+            code="too_many_images",
+        )
+    for url, param in image_urls:
+        images.append(load_request_image(url, config, param))
+    return messages, images
+
+
+def sampling_params(request, config: ServerConfig) -> SamplingParams:
+    if request.n not in (None, 1):
+        raise APIError(400, "Only n=1 is supported.", param="n")
+    max_tokens = request.max_completion_tokens or request.max_tokens or config.default_max_tokens
+    if max_tokens > config.max_tokens_limit:
+        raise APIError(
+            400,
+            f"max_tokens={max_tokens} is above this server's limit of {config.max_tokens_limit}.",
+            param="max_tokens",
+        )
+    stop = request.stop
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stop) > config.max_stop_sequences or any(not s for s in stop):
+        raise APIError(
+            400, f"stop: at most {config.max_stop_sequences} non-empty sequences are supported.", param="stop"
+        )
+    temperature = 1.0 if request.temperature is None else request.temperature  # OpenAI's default is 1
+    top_p = 1.0 if request.top_p is None else request.top_p
+    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# App
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine, config: ServerConfig):
+    """The FastAPI app serving `engine`. The engine must be started (`engine.start()`) by the caller."""
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import ValidationError
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    request_model = _schemas()
+    # [IMPORTANT] not FastAPI(max_body_size=...): its middleware replaces our response with a plain-text 413.
+    # The middleware answers a too-large Content-Length before any byte is read; `read_body` counts chunked ones.
+    app = FastAPI(title="internvl-chat")
+    app.add_middleware(ContentLengthLimit, max_bytes=config.max_body_bytes)
+
+    async def read_body(request: Request) -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > config.max_body_bytes:
+                raise APIError(
+                    413,
+                    f"Request body too large (limit {config.max_body_bytes} bytes).",
+                    code="request_too_large",
+                )
+        return bytes(body)
+
+    app.state.engine, app.state.config = engine, config
+
+    def json_error(status: int, message: str, type_="invalid_request_error", param=None, code=None, headers=None):
+        return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return json_error(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_, exc: EngineError):
+        headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
+        return json_error(exc.status, str(exc), exc.type, None, exc.code, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, exc: StarletteHTTPException):
+        # 404 unknown route, 405 wrong method.
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return json_error(exc.status_code, str(exc.detail), code=codes.get(exc.status_code), headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, exc: RequestValidationError):
+        return json_error(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, exc: Exception):
+        logger.exception("unexpected error")
+        return json_error(500, f"Internal server error: {type(exc).__name__}", "server_error", code="internal_error")
+
+    async def check_api_key(request: Request):
+        if not config.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        # Constant-time comparison: the key must not leak through response timing.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(
+                401,
+                "Incorrect or missing API key (send `Authorization: Bearer KEY`).",
+                code="invalid_api_key",
+            )
+
+    def model_card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "internvl-chat"}
+
+    @app.get("/health")
+    async def health():
+        status = engine.status()
+        ok = engine.alive
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "model": config.model_name, **status},
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/v1/models", dependencies=[Depends(check_api_key)])
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_api_key)])
+    async def get_model(model_id: str):
+        if model_id != config.model_name:
+            raise APIError(404, f"The model {model_id!r} does not exist.", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
+    async def chat_completions(request: Request):
+        # The body is read and validated here (not by a FastAPI body parameter) so that every malformed input
+        # gets OpenAI's error shape and a 400, not FastAPI's 422 `detail` list.
+        raw = await read_body(request)
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"Invalid JSON body: {err}", code="invalid_json") from err
+        if not isinstance(payload, dict):
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        try:
+            body = request_model.model_validate(payload)
+        except ValidationError as err:
+            first = err.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise APIError(400, f"Invalid request: {param}: {first['msg']}", param=param) from err
+        if body.model != config.model_name:
+            raise APIError(
+                404,
+                f"The model {body.model!r} does not exist; this server serves {config.model_name!r}.",
+                param="model",
+                code="model_not_found",
+            )
+        params = sampling_params(body, config)
+        status = engine.status()
+        if status["queued"] >= engine.max_queue:
+            # Answer before decoding any image: over capacity must be cheap.
+            raise Overloaded(f"The server is at capacity ({engine.max_queue} requests waiting); retry shortly.")
+        messages, images = await run_in_threadpool(convert_messages, body, config)
+        prepared = await run_in_threadpool(engine.prepare, messages, images, body.image_aspect_ratio)
+        handle = engine.submit(prepared, params, loop=asyncio.get_running_loop())
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(handle, completion_id, created, config.model_name, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+
+        result_task = asyncio.ensure_future(handle.atext())
+        try:
+            # A client that goes away while waiting frees its slot: poll for the disconnect while generating.
+            while not result_task.done():
+                await asyncio.wait({result_task}, timeout=0.25)
+                if not result_task.done() and await request.is_disconnected():
+                    logger.info("client disconnected; cancelling %s", completion_id)
+                    handle.cancel()
+                    result_task.cancel()
+                    return JSONResponse(error_body("Client disconnected.", code="cancelled"), status_code=499)
+            result = result_task.result()
+        finally:
+            if not result_task.done():
+                result_task.cancel()
+                handle.cancel()
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": config.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(result),
+        }
+
+    return app
+
+
+class ContentLengthLimit:
+    """Pure ASGI middleware: 413 JSON for a declared Content-Length above `max_bytes` (nothing is read)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length":
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        length = -1
+                    if length < 0 or length > self.max_bytes:
+                        from starlette.responses import JSONResponse
+
+                        if length < 0:
+                            status, message = 400, "Invalid Content-Length header."
+                        else:
+                            status, message = 413, f"Request body too large ({length} bytes; limit {self.max_bytes})."
+                        response = JSONResponse(error_body(message, code="request_too_large"), status_code=status)
+                        await response(scope, receive, send)
+                        return
+        await self.app(scope, receive, send)
+
+
+def _usage(result) -> dict:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+async def _sse(handle, completion_id: str, created: int, model: str, include_usage: bool):
+    """Server-sent events in OpenAI's `chat.completion.chunk` format, ending with `data: [DONE]`."""
+
+    def chunk(delta: dict, finish_reason=None, usage=None, choices=True) -> str:
+        body: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+            if choices
+            else [],
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for text in handle.astream():
+            yield chunk({"content": text})
+        result = handle.result
+        yield chunk({}, finish_reason=result.finish_reason)
+        if include_usage:
+            yield chunk({}, usage=_usage(result), choices=False)
+    except EngineError as err:
+        # Headers are gone already: the error travels as an SSE event (the openai client raises on it).
+        yield f"data: {json.dumps(error_body(str(err), err.type, None, err.code))}\n\n"
+    finally:
+        # [IMPORTANT] runs when the client disconnects too (Starlette cancels the response task): the request's
+        # row stops at the next decoding step and its slot is free.
+        handle.cancel()
+    yield "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("batching")
+    group.add_argument("--max-batch-size", type=int, default=16, help="most requests in one generate call")
+    group.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long for a batch to fill")
+    group.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get a 503")
+    group.add_argument("--request-timeout", type=float, default=300.0, help="seconds until a request fails (504)")
+    return parser
+
+
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="internvl-chat serve", description=__doc__.splitlines()[0])
+    add_model_args(parser)
+    add_engine_args(parser)
+    http = parser.add_argument_group("http")
+    http.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--served-model-name", help="the `model` clients must send (default: the folder name)")
+    http.add_argument(
+        "--api-key", default=os.environ.get(API_KEY_ENV), help=f"required bearer key (or ${API_KEY_ENV})"
+    )
+    http.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (413 beyond)")
+    http.add_argument("--max-images", type=int, default=8, help="most images per request")
+    http.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest image (width x height)")
+    http.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+    http.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when the request has none")
+    http.add_argument("--allowed-local-media-path", help="folder from which image paths / file:// URLs may be read")
+    http.add_argument("--allow-remote-images", action="store_true", help="let the server download http(s) images")
+    http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def build_engine(args: argparse.Namespace, model, processor) -> Engine:
+    return Engine(
+        model,
+        processor,
+        max_batch_size=args.max_batch_size,
+        batch_window=args.batch_window_ms / 1000.0,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not _is_loopback(args.host) and not args.api_key:
+        logger.warning("binding to %s without --api-key: anyone who can reach this port can use the model", args.host)
+    try:
+        model, processor = load_model(**model_kwargs(args))
+    except ModelLoadError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    import uvicorn
+
+    config = ServerConfig(
+        model_name=args.served_model_name or Path(os.path.normpath(args.model)).name,
+        api_key=args.api_key or None,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_images=args.max_images,
+        max_image_pixels=args.max_image_pixels,
+        max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=args.default_max_tokens,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allow_remote_images=args.allow_remote_images,
+    )
+    engine = build_engine(args, model, processor).start()
+    app = create_app(engine, config)
+    print(f"serving {config.model_name!r} on http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
