@@ -521,3 +521,18 @@ def test_slow_tokenizer_rejected():
 
     with pytest.raises(TypeError, match="fast tokenizer"):
         encode_chat(Slow(), MULTI, "vicuna_v1")
+
+
+def test_lone_space_token_before_a_digit_answer_is_supervised():
+    """Vicuna: "ASSISTANT: 7</s>" tokenizes as ":", "▁", "7", "</s>"; LLaVA's instruction_len - 2 rule supervises
+    the "▁" (without it a model never learns to open an answer with a digit)."""
+    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "vicuna-v1.5")
+    messages = [
+        {"role": "user", "content": "How many?"},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "And now?"},
+        {"role": "assistant", "content": "A cat."},
+    ]
+    out = encode_chat(tok, messages, "vicuna_v1")
+    supervised = [tok.convert_ids_to_tokens(i) for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    assert supervised == ["▁", "7", "</s>", "▁A", "▁cat", ".", "</s>"]

@@ -35,8 +35,10 @@ class FastGreedyDecoder:
         use_compile = device.type == "cuda" if compile is None else compile
         # [IMPORTANT] "reduce-overhead" captures the step as a CUDA graph; its inputs must keep their addresses, so
         # the step reads from the preallocated buffers below and every shape is fixed (batch, cache length).
-        self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=False) if use_compile else (
-            self._decode_step
+        self._step = (
+            torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=False)
+            if use_compile
+            else (self._decode_step)
         )
         self.cache = None
 
@@ -51,7 +53,9 @@ class FastGreedyDecoder:
         return self.model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 128, eos_token_id=None):
+    def generate(
+        self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 128, eos_token_id=None
+    ):
         """Left-padded prompts (B, T) → new token ids (B, max_new_tokens); positions after EOS hold EOS."""
         batch, prompt_len = input_ids.shape
         if batch > self.max_batch_size or prompt_len + max_new_tokens > self.max_length:

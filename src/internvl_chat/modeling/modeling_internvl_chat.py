@@ -124,6 +124,15 @@ class InternVLChatPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values"]
+    # Layers FSDP wraps / device_map never splits: the LLM decoder layers of the supported families and the towers'.
+    _no_split_modules = [
+        "LlamaDecoderLayer",
+        "MistralDecoderLayer",
+        "Phi3DecoderLayer",
+        "Qwen2DecoderLayer",
+        "CLIPEncoderLayer",
+        "InternViTEncoderLayer",
+    ]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True

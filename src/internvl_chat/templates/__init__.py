@@ -225,6 +225,15 @@ def _spans_to_mask(text: str, offsets: list[tuple[int, int]], spans: list[tuple[
             hit = True
             for pos in range(max(tok_start, start), min(tok_end, end)):
                 covered[pos - start] = True
+        # [IMPORTANT] a lone separator-space token right before the span is part of the answer too: Llama-2's
+        # SentencePiece writes "ASSISTANT: 7" as ":", "▁", "7" (a digit never merges with "▁"), and LLaVA's
+        # `instruction_len - 2` rule supervises that "▁". Left out, a model never learns to start an answer
+        # with a digit.
+        first = next((i for i, m in enumerate(mask) if m and offsets[i][1] > start), None)
+        if first is not None and first > 0:
+            tok_start, tok_end = offsets[first - 1]
+            if tok_start < tok_end == offsets[first][0] <= start and text[tok_start:tok_end] == " ":
+                mask[first - 1] = 1
         missing = [start + i for i, ok in enumerate(covered) if not ok and not text[start + i].isspace()]
         if not hit or missing:
             where = missing[0] if missing else start

@@ -1,0 +1,10 @@
+"""Training: two-stage LLaVA-family recipes on TRL's SFTTrainer (`internvl-chat train RECIPE.yaml`).
+
+stages.py    trainable sets per stage (align / finetune, freeze_*, tune_vit_from_layer...) and LR groups
+build.py     the model a recipe starts from (saved folder, pretrained LLM + tower, tiny preset)
+trainer.py   VisionSFTTrainer / VisionSFTConfig: optimizer groups, modality sampler, projector artifact, LoRA
+collator.py  VisionChatCollator: labels from template spans, packing (the data layer's companion)
+train.py     recipe YAML + overrides -> run; the `train` verb
+toydata.py   the built-in digits + letters dataset (demo, tiny recipes)
+configs/     DeepSpeed ZeRO-2 / ZeRO-3 (+ offload) JSON, accelerate FSDP YAML
+"""
