@@ -80,9 +80,16 @@ new MutationObserver(() => {
 
 
 def bot_messages(driver):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")]
+    # Gradio re-renders the chat while it streams: an element found a moment ago can be gone; read again.
+    for _ in range(20):
+        try:
+            return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")]
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    raise AssertionError("the chat kept re-rendering; could not read the bot messages")
 
 
 def wait_stable_answer(driver, count: int, timeout: float = 60.0) -> str:
