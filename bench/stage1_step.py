@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--compile-layers", action="store_true", help="torch.compile each LLM decoder layer")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--tiny", action="store_true", help="smoke test of the script (tiny model, CPU allowed)")
     args = parser.parse_args(argv)
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
             tf32=cuda,
             use_cpu=not cuda,
             gradient_checkpointing=not args.no_gradient_checkpointing,
+            compile_layers=args.compile_layers,
             dataloader_num_workers=args.workers,
             logging_steps=1,
             save_strategy="no",
@@ -159,6 +161,7 @@ def main(argv=None) -> int:
         "seq_len": seq_len,
         "image_tokens": model.config.image_seq_length,
         "gradient_checkpointing": not args.no_gradient_checkpointing,
+        "compile_layers": args.compile_layers,
         "steps_timed": len(timed),
         "step_s": round(step, 4),
         "step_s_min": round(min(timed), 4),

