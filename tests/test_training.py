@@ -381,3 +381,14 @@ def test_shipped_distributed_configs():
     fsdp = yaml.safe_load(folder.joinpath("fsdp.yaml").read_text())
     assert fsdp["distributed_type"] == "FSDP"
     assert os.path.basename(str(folder)) == "configs"
+
+
+def test_compile_layers_trains_the_same_set(tmp_path, toy_folder):
+    """`compile_layers: true` wraps every LLM decoder layer in torch.compile and training still updates exactly the
+    stage's trainable set (stage 1: the projector)."""
+    trainable, changed, _, summary = run_two_steps(
+        "llava-align", tmp_path, toy_folder, **{"training.compile_layers": "true"}
+    )
+    layers = summary["trainer"].model.get_decoder().layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    check_exact(trainable, changed)
