@@ -17,10 +17,10 @@ from common import build_pair, environment, prompts, timed, write
 from internvl_chat.generation import FastGreedyDecoder
 
 
-def run_batch(ours, llava, batch, n, skip):
+def run_batch(ours, llava, batch, n, skip, compile_mode="reduce-overhead"):
     ids, mask, pixels = prompts(batch)
     common = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False)
-    decoder = FastGreedyDecoder(ours, max_batch_size=batch, max_length=ids.shape[1] + n + 8)
+    decoder = FastGreedyDecoder(ours, max_batch_size=batch, max_length=ids.shape[1] + n + 8, compile_mode=compile_mode)
     workloads = {
         "native": (lambda: llava.generate(**common, max_new_tokens=n, min_new_tokens=n), 1),
         "native_static": (
@@ -65,6 +65,7 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip", nargs="*", default=[], help="workloads to skip: native native_static ours ours_fast")
+    parser.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the decode step")
     parser.add_argument("--out", default="bench/results/decode.json")
     args = parser.parse_args(argv)
 
@@ -72,7 +73,7 @@ def main(argv=None):
     ours, llava = build_pair()
     results = {"env": environment(), "command": "python3 bench/decode.py " + " ".join(sys.argv[1:]), "rows": []}
     for batch in args.batch_sizes:
-        row = run_batch(ours, llava, batch, args.new_tokens, args.skip)
+        row = run_batch(ours, llava, batch, args.new_tokens, args.skip, args.compile_mode)
         results["rows"].append(row)
         print(row, flush=True)
         torch.cuda.empty_cache()

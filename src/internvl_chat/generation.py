@@ -25,7 +25,15 @@ logger = logging.getLogger(__name__)
 class FastGreedyDecoder:
     """Greedy decoding with a static cache; buffers sized for `max_batch_size` × `max_length` tokens."""
 
-    def __init__(self, model, max_batch_size: int, max_length: int, compile: bool | None = None, sync_every: int = 16):
+    def __init__(
+        self,
+        model,
+        max_batch_size: int,
+        max_length: int,
+        compile: bool | None = None,
+        sync_every: int = 16,
+        compile_mode: str = "reduce-overhead",
+    ):
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_length = max_length
@@ -36,7 +44,7 @@ class FastGreedyDecoder:
         # [IMPORTANT] "reduce-overhead" captures the step as a CUDA graph; its inputs must keep their addresses, so
         # the step reads from the preallocated buffers below and every shape is fixed (batch, cache length).
         self._step = (
-            torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=False)
+            torch.compile(self._decode_step, mode=compile_mode, fullgraph=False)
             if use_compile
             else (self._decode_step)
         )
