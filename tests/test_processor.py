@@ -124,3 +124,15 @@ def test_tokenizer_without_image_token_is_refused():
     tok = AutoTokenizer.from_pretrained(TOKENIZERS / "vicuna-v1.5")
     with pytest.raises(ValueError, match="no '<image>' token"):
         InternVLChatProcessor(image_processor=InternVLChatImageProcessor(), tokenizer=tok)
+
+
+def test_llama3_prompt_gets_a_single_bos_unless_asked():
+    tokenizer, _ = prepare_tokenizer(str(TOKENIZERS / "llama-3.1"), 4096)
+    proc = build_processor("llavar2-llama3.1-8b", tokenizer, N, tiny=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.startswith("<|begin_of_text|>")
+    ids = proc(images=[image()], text=prompt)["input_ids"][0]
+    assert ids[:2] == [128000, 128006]  # one BOS, then <|start_header_id|>
+    doubled = proc(images=[image()], text=prompt, add_special_tokens=True)["input_ids"][0]
+    assert doubled[:2] == [128000, 128000]  # the original's double BOS, on request

@@ -126,23 +126,26 @@ class InternVLChatProcessor(ProcessorMixin):
             ]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _tokenize(self, texts, add_special_tokens=True, truncation=False, max_length=None, padding=False, **kwargs):
+    def _tokenize(self, texts, add_special_tokens=None, truncation=False, max_length=None, padding=False, **kwargs):
         """Tokenizes as LLaVA's `tokenizer_image_token`: the text is cut at each `<image>`, every piece is
         tokenized on its own (the first with special tokens, i.e. BOS) and `image_seq_length` image-token ids
-        are put between the pieces.
+        are put between the pieces. `add_special_tokens=None` adds them unless the text already starts with the BOS
+        token (templates such as llama3 write it; transformers' `apply_chat_template` follows the same rule).
 
         # [IMPORTANT] tokenizing the whole string with `<image>` as a special token is NOT the same: SentencePiece
         # tokenizers give the text after a separately-tokenized piece a leading "▁" (`<image>` then "\n" is
         # ids 29871, 13 for Llama-2), which is what every LLaVA / InternVL-Chat / ShareGPT4V model was trained on.
         """
         rows = []
+        bos = self.tokenizer.bos_token
         for text in texts:
+            add = add_special_tokens if add_special_tokens is not None else not (bos and text.startswith(bos))
             pieces = text.split(self.image_token)
             ids = []
             for j, piece in enumerate(pieces):
                 if j > 0:
                     ids.extend([self.image_token_id] * self.image_seq_length)
-                special = add_special_tokens and j == 0
+                special = add and j == 0
                 if piece or special:
                     ids.extend(self.tokenizer(piece, add_special_tokens=special)["input_ids"])
             if truncation and max_length is not None and len(ids) > max_length:
