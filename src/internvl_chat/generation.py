@@ -44,15 +44,11 @@ class FastGreedyDecoder:
         # [IMPORTANT] "reduce-overhead" captures the step as a CUDA graph; its inputs must keep their addresses, so
         # the step reads from the preallocated buffers below and every shape is fixed (batch, cache length).
         self._step = (
-            torch.compile(self._decode_step, mode=compile_mode, fullgraph=False)
-            if use_compile
-            else (self._decode_step)
+            torch.compile(self._decode_step, mode=compile_mode, fullgraph=False) if use_compile else self._decode_step
         )
-        self.cache = None
 
-    def _new_cache(self, batch_size):
-        cache = StaticCache(config=self.model.config.get_text_config(), max_cache_len=self.max_length)
-        return cache
+    def _new_cache(self):
+        return StaticCache(config=self.model.config.get_text_config(), max_cache_len=self.max_length)
 
     def _decode_step(self, tokens, positions, mask, cache):
         """tokens (B, 1), positions (B, 1), mask (B, 1, 1, L) bool → next tokens (B,)."""
@@ -79,7 +75,7 @@ class FastGreedyDecoder:
         eos = torch.tensor(sorted(_as_list(eos_token_id)) or [-1], device=device)
 
         # Prefill: the regular forward (vision tower + merge + LLM), writing into a fresh static cache.
-        cache = self._new_cache(batch)
+        cache = self._new_cache()
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=input_ids,

@@ -1067,28 +1067,30 @@ def read_mmvet(ctx: TaskContext) -> list[Sample]:
     return samples
 
 
-def score_mmvet(samples, preds, ctx) -> dict:
-    from .judge import judge_mmvet
-
+def _judged(samples, preds, ctx, label: str, judge, summarise) -> dict:
+    """Shared flow of the GPT-judged tasks: no judge configured → a note instead of a score."""
     pairs = _scored(samples, preds)
     if not pairs:
         return _no_ground_truth(samples)
     if ctx.judge is None:
         return {
             "main": None,
-            "metric": "mm-vet (judge not configured)",
+            "metric": f"{label} (judge not configured)",
             "count": len(pairs),
             "note": "set INTERNVL_JUDGE_BASE_URL / _MODEL / _API_KEY (or OPENAI_*) to score",
         }
-    records = judge_mmvet(ctx.judge, pairs)
-    out = metrics.mmvet_scores(records)
-    return {
-        "main": out["total"],
-        "metric": "mm-vet total (judge)",
-        "count": len(records),
-        "judge_model": ctx.judge.model,
-        **out,
-    }
+    records = judge(ctx.judge, pairs)
+    return {"count": len(records), "judge_model": ctx.judge.model, **summarise(records)}
+
+
+def score_mmvet(samples, preds, ctx) -> dict:
+    from .judge import judge_mmvet
+
+    def summarise(records):
+        out = metrics.mmvet_scores(records)
+        return {"main": out["total"], "metric": "mm-vet total (judge)", **out}
+
+    return _judged(samples, preds, ctx, "mm-vet", judge_mmvet, summarise)
 
 
 def submit_mmvet(samples, preds, ctx, out_dir) -> str:
@@ -1136,25 +1138,11 @@ def read_llava_bench(ctx: TaskContext) -> list[Sample]:
 def score_llava_bench(samples, preds, ctx) -> dict:
     from .judge import judge_llava_bench
 
-    pairs = _scored(samples, preds)
-    if not pairs:
-        return _no_ground_truth(samples)
-    if ctx.judge is None:
-        return {
-            "main": None,
-            "metric": "llava-bench (judge not configured)",
-            "count": len(pairs),
-            "note": "set INTERNVL_JUDGE_BASE_URL / _MODEL / _API_KEY (or OPENAI_*) to score",
-        }
-    records = judge_llava_bench(ctx.judge, pairs)
-    out = metrics.llava_bench_scores(records)
-    return {
-        "main": out["all"],
-        "metric": "relative score vs reference (judge)",
-        "count": len(records),
-        "judge_model": ctx.judge.model,
-        "categories": out,
-    }
+    def summarise(records):
+        out = metrics.llava_bench_scores(records)
+        return {"main": out["all"], "metric": "relative score vs reference (judge)", "categories": out}
+
+    return _judged(samples, preds, ctx, "llava-bench", judge_llava_bench, summarise)
 
 
 # ----------------------------------------------------------------------------------------------------------------

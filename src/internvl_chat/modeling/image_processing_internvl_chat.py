@@ -60,6 +60,22 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+# Options a single call may override (the processor routes these keyword arguments here).
+PREPROCESS_OPTIONS = (
+    "image_aspect_ratio",
+    "size",
+    "crop_size",
+    "resample",
+    "image_mean",
+    "image_std",
+    "rescale_factor",
+    "do_rescale",
+    "do_normalize",
+    "do_convert_rgb",
+    "backend",
+    "max_image_pixels",
+)
+
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGENET_MEAN",
@@ -604,20 +620,7 @@ class InternVLChatImageProcessor(BaseImageProcessor):
             ``return_tensors="pt"`` (default), numpy array for ``"np"``, list of numpy arrays for None.
         """
         device = kwargs.pop("device", None)
-        names = (
-            "image_aspect_ratio",
-            "size",
-            "crop_size",
-            "resample",
-            "image_mean",
-            "image_std",
-            "rescale_factor",
-            "do_rescale",
-            "do_normalize",
-            "do_convert_rgb",
-            "backend",
-            "max_image_pixels",
-        )
+        names = PREPROCESS_OPTIONS
         options = {}
         for key in names:
             value = kwargs.pop(key, None)

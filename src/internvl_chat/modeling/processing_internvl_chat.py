@@ -13,6 +13,8 @@ in the error; truncation that would cut image tokens is refused. Part of the Hub
 from transformers import BatchFeature, ProcessorMixin
 from transformers.utils import logging
 
+from .image_processing_internvl_chat import PREPROCESS_OPTIONS
+
 logger = logging.get_logger(__name__)
 
 # Tokenizer call options the processor forwards; the rest of what `apply_chat_template` or pipelines pass along
@@ -25,17 +27,6 @@ TOKENIZER_KWARGS = (
     "return_attention_mask",
     "padding_side",
     "pad_to_multiple_of",
-)
-IMAGE_KWARGS = (
-    "image_aspect_ratio",
-    "size",
-    "crop_size",
-    "resample",
-    "image_mean",
-    "image_std",
-    "do_convert_rgb",
-    "max_image_pixels",
-    "backend",
 )
 
 
@@ -83,7 +74,7 @@ class InternVLChatProcessor(ProcessorMixin):
         images_kwargs = {**kwargs.pop("images_kwargs", {})}
         text_kwargs = {**kwargs.pop("text_kwargs", {})}
         for key in list(kwargs):
-            if key in IMAGE_KWARGS:
+            if key in PREPROCESS_OPTIONS:
                 images_kwargs[key] = kwargs.pop(key)
             elif key in TOKENIZER_KWARGS:
                 text_kwargs[key] = kwargs.pop(key)
@@ -172,12 +163,6 @@ class InternVLChatProcessor(ProcessorMixin):
         if start != len(images):
             out[-1].extend(images[start:])
         return out
-
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         """Decodes generated ids and cuts each answer at the template's first stop string (`</s>`, `<|end|>`...)."""
