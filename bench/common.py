@@ -102,6 +102,49 @@ def timed(fn, warmup=1, repeat=3):
     return times[len(times) // 2]
 
 
+def profile_top(fn, rows=12) -> dict:
+    """Runs `fn()` once under torch.profiler: GPU busy time vs wall time and the ops that took the most GPU time.
+
+    Categories group kernels by what they are (matmul, attention, the rest), which is what the closing notes need to
+    say "where the time goes"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm (compiled graphs, allocator)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time_total for e in kernels) / 1e6 if kernels else 0.0
+    categories: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        name = e.name
+        low = name.lower()
+        if "gemm" in low or "cutlass" in low or "matmul" in low or "nvjet" in low or "sm90_x" in low:
+            kind = "matmul"
+        elif "flash" in low or "fmha" in low or "attention" in low or "efficient_attention" in low:
+            kind = "attention"
+        elif "triton" in low:
+            kind = "triton (compiled elementwise/norm)"
+        elif "nccl" in low:
+            kind = "communication"
+        else:
+            kind = "other kernels (elementwise, norms, copies, loss)"
+        categories[kind] = categories.get(kind, 0.0) + e.device_time_total / 1e6
+        by_name[name] = by_name.get(name, 0.0) + e.device_time_total / 1e6
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:rows]
+    return {
+        "wall_s": round(wall, 4),
+        "gpu_busy_s": round(total, 4),
+        "gpu_idle_fraction": round(max(0.0, 1 - total / wall), 3) if wall else None,
+        "categories_s": {k: round(v, 4) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+        "top_kernels_s": [[name[:120], round(t, 4)] for name, t in top],
+    }
+
+
 def write(path, payload):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:

@@ -2,12 +2,19 @@
 loss on supervised positions only) vs transformers-native Llava (right-padded batches), same process, same weights.
 
     PYTHONPATH=src python3 bench/stage2.py --batches 10 --batch-size 4 --out bench/results/stage2.json
+    PYTHONPATH=src python3 bench/stage2.py --lora --out bench/results/stage2_lora.json     # LoRA r=128 on the LLM
+    PYTHONPATH=src python3 bench/stage2.py --profile ...    # + one profiled batch group per variant (where time goes)
+
+Variants (`--variants`, comma-separated): native_padded (transformers Llava, SDPA, right padding, grad ckpt, full
+logits), ours_sdpa (packed row, SDPA with the block-diagonal mask, grad ckpt), ours_varlen (packed row, torch's flash
+varlen kernel via `attn_implementation="internvl_varlen"`, grad ckpt), ours_varlen_nockpt (no recomputation),
+ours_varlen_nockpt_compile (+ each decoder layer torch.compile'd, the trainer's `compile_layers`).
 
 Length mix shaped like LLaVA's mix665k (seeded): 70% single-turn image samples (576 image + 30-150 text tokens),
 22% multi-turn image samples (576 + 200-900 text tokens), 8% text-only (100-800 tokens); about half of the text
-tokens are supervised. Gradient checkpointing on for both; fwd + bwd only (no optimizer: full 7B AdamW states do not
-fit one GPU next to two models). Reports samples/s, real (non-pad) tokens/s and MFU on real tokens
-(6·N·T for the trained LLM + the vision forward, over the bf16 peak).
+tokens are supervised. Fwd + bwd only (no optimizer: full 7B AdamW states do not fit
+one GPU next to two models). Reports samples/s, real (non-pad) tokens/s and MFU on real tokens (6·N·T for the trained
+LLM, 4·N·T + 6·N_lora·T with LoRA, + the vision forward; over the bf16 peak).
 """
 
 import argparse
@@ -15,7 +22,7 @@ import random
 import sys
 
 import torch
-from common import build_pair, environment, peak_flops, timed, write
+from common import build_pair, environment, peak_flops, profile_top, timed, write
 
 IMAGE_TOKEN, IMAGE_TOKENS = 32000, 576
 
@@ -57,15 +64,43 @@ def packed_batch(samples, device="cuda"):
     return ids.to(device), positions.to(device), labels.to(device), n_images
 
 
+VARIANTS = {  # name: (ours?, packed?, attention, gradient checkpointing?, compiled layers?)
+    "native_padded": (False, False, "sdpa", True, False),
+    "ours_sdpa": (True, True, "sdpa", True, False),
+    "ours_varlen": (True, True, "internvl_varlen", True, False),
+    "ours_varlen_nockpt": (True, True, "internvl_varlen", False, False),
+    "ours_varlen_nockpt_compile": (True, True, "internvl_varlen", False, True),
+}
+
+
+def add_lora(model, rank=128, alpha=256):
+    """LLaVA's LoRA recipe: every Linear of the LLM (not the tower, not lm_head) gets r=128 adapters; projector
+    trained in full."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.05,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        modules_to_save=["multi_modal_projector"],
+    )
+    return get_peft_model(model, config)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--lora", action="store_true", help="LoRA r=128 on the LLM (LLaVA's lora recipe)")
+    parser.add_argument("--profile", action="store_true", help="profile one batch group per variant")
     parser.add_argument("--out", default="bench/results/stage2.json")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
+    names = args.variants.split(",")
 
-    ours, llava = build_pair()
+    ours, llava = build_pair(native=any(not VARIANTS[n][0] for n in names))
     samples = sample_mix(args.batches * args.batch_size)
     groups = [samples[i : i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
     real_tokens = sum(len(i) for i, _, _ in samples)
@@ -73,14 +108,15 @@ def main(argv=None):
     llm = sum(p.numel() for p in ours.model.language_model.parameters()) + ours.lm_head.weight.numel()
     llm -= ours.model.language_model.get_input_embeddings().weight.numel()
     vision = sum(p.numel() for p in ours.model.vision_tower.parameters())
-    flops = 6 * llm * real_tokens + 2 * vision * 577 * images
     pixels = torch.randn(args.batch_size, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
 
-    def run(model, packed):
+    def run(model, packed, batch_groups=groups):
         def epoch():
-            for group in groups:
+            for group in batch_groups:
                 if packed:
                     ids, positions, labels, n = packed_batch(group)
+                    cu = torch.tensor([0] + [len(i) for i, _, _ in group], device="cuda").cumsum(0).to(torch.int32)
+                    longest = max(len(i) for i, _, _ in group)
                     out = model(
                         input_ids=ids,
                         position_ids=positions,
@@ -88,6 +124,10 @@ def main(argv=None):
                         pixel_values=pixels[:n],
                         use_cache=False,
                         skip_logits=True,
+                        cu_seq_lens_q=cu,
+                        cu_seq_lens_k=cu,
+                        max_length_q=longest,
+                        max_length_k=longest,
                     )
                 else:
                     ids, mask, labels, n = padded_batch(group)
@@ -101,32 +141,74 @@ def main(argv=None):
 
     rows = {}
     padded_tokens = sum(max(len(i) for i, _, _ in g) * len(g) for g in groups)
-    for name, model, packed in (("native_padded", llava, False), ("ours_packed", ours, True)):
+    models = {True: ours, False: llava}
+    for m in (ours, llava):  # one model on the GPU at a time: the no-checkpointing variants need the room
+        if m is not None:
+            m.to("cpu")
+    if args.lora:
+        models = {key: add_lora(m) if m is not None else None for key, m in models.items()}
+    for name in names:
+        is_ours, packed, attn, ckpt, compiled = VARIANTS[name]
+        model = models[is_ours]
+        base = model.get_base_model() if args.lora else model
+        base.set_attn_implementation(attn)
         model.to("cuda")
-        model.requires_grad_(True)
-        model.model.vision_tower.requires_grad_(False)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not args.lora:
+            base.requires_grad_(True)
+            base.model.vision_tower.requires_grad_(False)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        llm_flops = (4 * llm + 6 * trainable) if args.lora else 6 * llm
+        flops = llm_flops * real_tokens + 2 * vision * 577 * images
+        if ckpt:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_disable()
+        layers = base.model.language_model.layers
+        for layer in layers:
+            if compiled:
+                layer.compile()
+            else:
+                layer._compiled_call_impl = None  # undo an earlier variant's compile
         model.train()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        seconds = timed(run(model, packed), warmup=1, repeat=2)
-        rows[name] = {
-            "samples_per_s": round(len(samples) / seconds, 2),
-            "real_tokens_per_s": round(real_tokens / seconds),
-            "mfu_real_tokens": round(flops / seconds / peak_flops(), 3),
-            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-        }
-        print(name, rows[name], flush=True)
+        try:
+            seconds = timed(run(model, packed), warmup=2 if compiled else 1, repeat=2)
+        except torch.OutOfMemoryError:
+            rows[name] = "OOM"
+            print(name, "OOM", flush=True)
+        else:
+            rows[name] = {
+                "attention": attn,
+                "gradient_checkpointing": ckpt,
+                "compiled_layers": compiled,
+                "samples_per_s": round(len(samples) / seconds, 2),
+                "real_tokens_per_s": round(real_tokens / seconds),
+                "mfu_real_tokens": round(flops / seconds / peak_flops(), 3),
+                "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+            }
+            if args.profile:
+                rows[name]["profile"] = profile_top(run(model, packed, groups[: max(1, len(groups) // 5)]))
+            print(name, rows[name], flush=True)
+        model.zero_grad(set_to_none=True)
         model.to("cpu")
         torch.cuda.empty_cache()
     result = {
         "env": environment(),
         "command": "python3 bench/stage2.py " + " ".join(sys.argv[1:]),
+        "lora": args.lora,
         "samples": len(samples),
         "real_tokens": real_tokens,
         "padded_tokens_native": padded_tokens,
         **rows,
-        "speedup": round(rows["ours_packed"]["samples_per_s"] / rows["native_padded"]["samples_per_s"], 2),
     }
+    base_row = rows.get("native_padded")
+    if isinstance(base_row, dict):
+        result["speedup_vs_native_padded"] = {
+            n: round(r["samples_per_s"] / base_row["samples_per_s"], 2)
+            for n, r in rows.items()
+            if isinstance(r, dict) and n != "native_padded"
+        }
     write(args.out, result)
     print(result)
 

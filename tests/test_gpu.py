@@ -53,3 +53,51 @@ def test_batched_generation_on_cuda(tiny_model):
     for i in range(2):
         single = model.generate(input_ids=ids[i : i + 1].cuda(), pixel_values=pixel_values[i : i + 1].cuda(), **kwargs)
         assert batched[i].tolist() == single[0].tolist()
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_varlen_kernel_matches_reference_on_cuda(kv_heads):
+    """torch's flash varlen kernel (the `internvl_varlen` attention) == per-sample causal SDPA, values and grads."""
+    from internvl_chat.modeling import modeling_varlen_attention as varlen
+
+    if varlen._torch_varlen_attn is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    torch.manual_seed(0)
+    lengths = [37, 600, 5, 250]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    total = sum(lengths)
+    q = torch.randn(total, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, kv_heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, kv_heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(total, 8, 128, device="cuda", dtype=torch.bfloat16)
+    fast = varlen._flash_varlen(q, k, v, cu, cu, max(lengths), max(lengths), 0.1)
+    fast_grads = torch.autograd.grad(fast, (q, k, v), grad)
+    ref = varlen._reference_varlen(q.float(), k.float(), v.float(), cu, cu, 0.1)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad.float())
+    assert (fast.float() - ref).abs().max().item() <= 2e-2
+    for a, b in zip(fast_grads, ref_grads):
+        assert (a.float() - b.float()).abs().max().item() <= 5e-2 * max(1.0, b.abs().max().item())
+
+
+def test_varlen_packed_loss_matches_sdpa_on_cuda(tiny_model):
+    """A packed row through `internvl_varlen` gives SDPA's (block-diagonal mask) loss and gradients, bf16."""
+    model = tiny_model.cuda().to(torch.bfloat16).train()
+    ids, pixel_values = sample_inputs(batch=2)
+    ids, pixel_values = ids.cuda(), pixel_values.cuda().to(torch.bfloat16)
+    n = ids.shape[1]
+    packed = ids.reshape(1, -1)
+    positions = torch.arange(n, device="cuda").repeat(2)[None]
+    cu = torch.tensor([0, n, 2 * n], dtype=torch.int32, device="cuda")
+    labels = packed.clone()
+    labels[:, ::n] = -100
+    kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
+    results = {}
+    for attn in ("sdpa", "internvl_varlen"):
+        model.set_attn_implementation(attn)
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=packed, pixel_values=pixel_values, position_ids=positions, labels=labels,
+                    use_cache=False, **kwargs)  # fmt: skip
+        out.loss.backward()
+        results[attn] = (out.loss.float().item(), model.lm_head.weight.grad.float().clone())
+    assert abs(results["sdpa"][0] - results["internvl_varlen"][0]) <= 2e-2
+    assert (results["sdpa"][1] - results["internvl_varlen"][1]).abs().max().item() <= 2e-2

@@ -263,6 +263,32 @@ def test_compact_cpu_loss_equals_trl_fused_loss(projectors, tmp_path, toy_folder
     torch.testing.assert_close(packed, ours, rtol=1e-4, atol=1e-4)
 
 
+def test_packed_varlen_recipe_matches_padded_losses(projectors, tmp_path, toy_folder, monkeypatch):
+    """`data.packing: true` + `model.attn_implementation: internvl_varlen` (padding-free rows, per-sample attention)
+    trains the same: step losses equal the padded SDPA recipe's."""
+    from internvl_chat.modeling import modeling_varlen_attention as varlen
+    from internvl_chat.training.train import run
+
+    calls = []  # the trainer must hand cu_seq_lens to the attention (on CPU: the per-sample reference runs)
+    reference = varlen._reference_varlen
+    monkeypatch.setattr(varlen, "_reference_varlen", lambda *a: calls.append(1) or reference(*a))
+
+    base = {"training.max_steps": 2, "model.pretrain_mm_mlp_adapter": projectors["llava-align"][3]}
+    curves = {}
+    for name, extra in (
+        ("padded", {}),
+        ("varlen", {"data.packing": "true", "model.attn_implementation": "internvl_varlen"}),
+    ):
+        summary = run(tiny_recipe("llava-finetune", tmp_path / name, toy_folder, **base, **extra))
+        assert summary["trainer"].model.config.text_config._attn_implementation == (
+            "internvl_varlen" if extra else "sdpa"
+        )
+        curves[name] = [e["loss"] for e in summary["trainer"].state.log_history if "loss" in e]
+    assert len(curves["padded"]) == 2
+    assert len(calls) >= 2 * 2  # 2 steps × 2 tiny layers at least (recomputation under checkpointing adds more)
+    torch.testing.assert_close(torch.tensor(curves["varlen"]), torch.tensor(curves["padded"]), rtol=1e-4, atol=1e-4)
+
+
 def test_modality_grouped_sampler():
     from internvl_chat.training.trainer import ModalityLengthGroupedSampler
 

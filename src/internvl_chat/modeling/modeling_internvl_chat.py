@@ -29,6 +29,7 @@ from .configuration_internvl_chat import InternVLChatConfig, check_projector_typ
 from .configuration_multipath import MultiPathVisionConfig
 from .modeling_intern_vit import InternViTModel
 from .modeling_multipath import MultiPathVisionModel
+from .modeling_varlen_attention import VARLEN_ATTENTION  # noqa: F401  (registers attn_implementation)
 
 logger = logging.get_logger(__name__)
 

@@ -247,6 +247,10 @@ def build_model(cfg: ModelConfig, freeze_vision: bool = True):
         model, processor = _from_folder(cfg, freeze_vision)
     else:
         model, processor = _from_preset(cfg, freeze_vision)
+    if cfg.attn_implementation and model.config._attn_implementation != cfg.attn_implementation:
+        # Presets are built in code (not from_pretrained) and a parts-built model only set it on the LLM.
+        # "internvl_varlen" (padding-free packed rows) falls back to SDPA wherever no cu_seq_lens are passed.
+        model.set_attn_implementation(cfg.attn_implementation)
     if cfg.pretrain_mm_mlp_adapter:
         from .trainer import load_projector
 
