@@ -19,16 +19,21 @@ def environment() -> dict:
     import transformers
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    # BENCH_COMMIT first: the device machine gets a copy of the working tree whose .git may be stale.
+    commit = os.environ.get("BENCH_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+        except OSError:
+            commit = ""
     return {
         "gpu": name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "commit": commit or os.environ.get("BENCH_COMMIT", ""),
+        "commit": commit,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

@@ -2,6 +2,7 @@
 
     python bench/eval_throughput.py                                  # 7B shapes, fp16, 256 questions
     python bench/eval_throughput.py --questions 512 --batch-sizes 1,8,16,32,64 --max-new-tokens 6
+    python bench/eval_throughput.py --batch-sizes 64 --max-new-tokens 6 --fast-decode   # ours both ways
     python bench/eval_throughput.py --tiny --device cpu --questions 16  # smoke test of the script itself
 
 Both sides run a random-weight model with LLaVA-1.5-7B's shapes (CLIP ViT-L/14-336 + Vicuna-7B, 576 image tokens,
@@ -9,7 +10,14 @@ fp16, SDPA) on the same short-answer task: VQAv2-style questions + "Answer the q
 phrase.", images of varied sizes stored as JPEG files (decoded and padded to square per question, as LLaVA does).
 
 * ours: `internvl_chat.eval.runner.generate_predictions` (length-sorted left-padded batches, images decoded in a
-  thread pool while the GPU generates) at every batch size of ``--batch-sizes``; the best is reported.
+  thread pool, one task per image, while the GPU generates) at every batch size of ``--batch-sizes``; the best is
+  reported. With ``--fast-decode`` also through `FastGreedyDecoder` (``fast_decode=True``): ``ours_fast_decode``,
+  after a warm-up at each batch size (compiling the decode step and recording its CUDA graphs is not timed), with
+  ``fast_decode_same_answers`` (share of answers equal to the ``model.generate`` run at the same batch size: fp16
+  near-ties can flip a token).
+* ``breakdown``: per run, the runner's timing split (seconds): waiting for prepared inputs (``first_wait`` of it
+  for the first batch), host→device copies, prefill + generation (GPU-synchronised), detokenize + write, the whole
+  loop, and image decoding + preprocessing + tokenization summed over the worker threads.
 * baseline: transformers-native `LlavaForConditionalGeneration` with the same shapes, driven like LLaVA's
   ``model_vqa_loader.py``: one question at a time (open image, processor, generate, decode).
 
@@ -20,6 +28,7 @@ short answer plus EOS); questions/s counts wall time including image decoding. P
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -115,6 +124,27 @@ def llava_loop(model, processor, prompts, image_paths, max_new_tokens: int, devi
     return time.perf_counter() - start
 
 
+def run_ours(model, processor, samples, out: Path, bs: int, args, fast_decode: bool = False):
+    """One timed `generate_predictions` run: (questions/s of wall time or "OOM", the runner's timing breakdown)."""
+    from internvl_chat.eval.runner import TIMING_KEYS, generate_predictions
+
+    start = time.perf_counter()
+    try:
+        _, stats = generate_predictions(model, processor, samples, out, batch_size=bs,
+                                        max_new_tokens=args.max_new_tokens, num_workers=args.num_workers,
+                                        desc=f"bs{bs}" + (" fast" if fast_decode else ""),
+                                        fast_decode=fast_decode)  # fmt: skip
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM", None
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    qps = round(args.questions / (time.perf_counter() - start), 2)
+    breakdown = {key.removesuffix("_seconds"): round(stats[key], 3) for key in TIMING_KEYS}
+    breakdown["fast_decode"] = stats["fast_decode"]
+    return qps, breakdown
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=256)
@@ -125,6 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--fast-decode", action="store_true", help="also run ours with fast_decode=True")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     dtype = getattr(torch, args.dtype) if args.device != "cpu" else torch.float32
@@ -146,33 +177,54 @@ def main(argv=None) -> int:
         # Warm-up (CUDA kernels, allocator) on a few questions.
         generate_predictions(model, processor, samples[:4], folder / "warm.jsonl", batch_size=4,
                              max_new_tokens=args.max_new_tokens, num_workers=args.num_workers)  # fmt: skip
-        for bs in [int(b) for b in args.batch_sizes.split(",")]:
-            out = folder / f"ours_{bs}.jsonl"
-            start = time.perf_counter()
-            try:
-                generate_predictions(
-                    model,
-                    processor,
-                    samples,
-                    out,
-                    batch_size=bs,
-                    max_new_tokens=args.max_new_tokens,
-                    num_workers=args.num_workers,
-                    desc=f"bs{bs}",
-                )
-            except torch.OutOfMemoryError:
-                result["ours"][f"batch_{bs}"] = "OOM"
-                torch.cuda.empty_cache()
-                continue
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            result["ours"][f"batch_{bs}"] = round(args.questions / (time.perf_counter() - start), 2)
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        result["breakdown"] = {"ours": {}}
+        for bs in batch_sizes:
+            qps, breakdown = run_ours(model, processor, samples, folder / f"ours_{bs}.jsonl", bs, args)
+            result["ours"][f"batch_{bs}"] = qps
+            result["breakdown"]["ours"][f"batch_{bs}"] = breakdown
         numeric = {k: v for k, v in result["ours"].items() if isinstance(v, float)}
         best = max(numeric, key=numeric.get)
         result["ours_best"] = {"batch_size": int(best.split("_")[1]), "questions_per_second": numeric[best]}
 
+        if args.fast_decode:
+            result["ours_fast_decode"], result["breakdown"]["ours_fast_decode"] = {}, {}
+            result["fast_decode_same_answers"] = {}
+            for bs in batch_sizes:
+                # One warm-up per batch size with the full batch and the last, smaller one (the shapes of the timed
+                # run) and the longest prompts (the same decoder length, so the runner reuses the warmed decoder).
+                # A fresh dynamo cache each time: every batch size builds its own decoder, and the compiled step's
+                # entries would otherwise pile up to the recompile limit (then it silently runs eager).
+                torch._dynamo.reset()
+                n_warm = min(args.questions, bs * -(-len(QUESTIONS) // bs) + args.questions % bs)
+                try:
+                    generate_predictions(model, processor, samples[:n_warm], folder / f"warm_fast_{bs}.jsonl",
+                                         batch_size=bs, max_new_tokens=args.max_new_tokens,
+                                         num_workers=args.num_workers, fast_decode=True)  # fmt: skip
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                out = folder / f"fast_{bs}.jsonl"
+                qps, breakdown = run_ours(model, processor, samples, out, bs, args, fast_decode=True)
+                result["ours_fast_decode"][f"batch_{bs}"] = qps
+                result["breakdown"]["ours_fast_decode"][f"batch_{bs}"] = breakdown
+                if isinstance(qps, float) and isinstance(result["ours"].get(f"batch_{bs}"), float):
+                    plain = [json.loads(x)["text"] for x in (folder / f"ours_{bs}.jsonl").read_text().splitlines()]
+                    fast = [json.loads(x)["text"] for x in out.read_text().splitlines()]
+                    same = sum(x == y for x, y in zip(plain, fast)) / len(plain)
+                    result["fast_decode_same_answers"][f"batch_{bs}"] = round(same, 4)
+            numeric_fast = {k: v for k, v in result["ours_fast_decode"].items() if isinstance(v, float)}
+            if numeric_fast:
+                best_fast = max(numeric_fast, key=numeric_fast.get)
+                result["ours_fast_decode_best"] = {"batch_size": int(best_fast.split("_")[1]),
+                                                   "questions_per_second": numeric_fast[best_fast]}  # fmt: skip
+                result["speedup_fast_decode_vs_generate"] = round(numeric_fast[best_fast] / numeric[best], 2)
+
         if not args.skip_baseline:
             del model
+            # The runner keeps a fast decoder on the model (a reference cycle) and dynamo holds compiled graphs:
+            # free both before the baseline model is built beside it.
+            torch._dynamo.reset()
+            gc.collect()
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             llava, llava_proc = build_llava(config, processor.tokenizer, args.device, dtype)

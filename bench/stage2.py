@@ -64,6 +64,29 @@ def packed_batch(samples, device="cuda"):
     return ids.to(device), positions.to(device), labels.to(device), n_images
 
 
+def forward_loss(model, group, packed, pixels, device="cuda"):
+    """One batch group's training loss: ours on one packed row (varlen boundaries from `cu_seq_lens`, loss on
+    supervised positions only), or native on a right-padded batch (full logits)."""
+    if packed:
+        ids, positions, labels, n = packed_batch(group, device)
+        cu = torch.tensor([0] + [len(i) for i, _, _ in group], device=device).cumsum(0).to(torch.int32)
+        longest = max(len(i) for i, _, _ in group)
+        return model(
+            input_ids=ids,
+            position_ids=positions,
+            labels=labels,
+            pixel_values=pixels[:n],
+            use_cache=False,
+            skip_logits=True,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=longest,
+            max_length_k=longest,
+        ).loss
+    ids, mask, labels, n = padded_batch(group, device)
+    return model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels[:n], use_cache=False).loss
+
+
 VARIANTS = {  # name: (ours?, packed?, attention, gradient checkpointing?, compiled layers?)
     "native_padded": (False, False, "sdpa", True, False),
     "ours_sdpa": (True, True, "sdpa", True, False),
@@ -113,28 +136,7 @@ def main(argv=None):
     def run(model, packed, batch_groups=groups):
         def epoch():
             for group in batch_groups:
-                if packed:
-                    ids, positions, labels, n = packed_batch(group)
-                    cu = torch.tensor([0] + [len(i) for i, _, _ in group], device="cuda").cumsum(0).to(torch.int32)
-                    longest = max(len(i) for i, _, _ in group)
-                    out = model(
-                        input_ids=ids,
-                        position_ids=positions,
-                        labels=labels,
-                        pixel_values=pixels[:n],
-                        use_cache=False,
-                        skip_logits=True,
-                        cu_seq_lens_q=cu,
-                        cu_seq_lens_k=cu,
-                        max_length_q=longest,
-                        max_length_k=longest,
-                    )
-                else:
-                    ids, mask, labels, n = padded_batch(group)
-                    out = model(
-                        input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels[:n], use_cache=False
-                    )
-                out.loss.backward()
+                forward_loss(model, group, packed, pixels).backward()
                 model.zero_grad(set_to_none=True)
 
         return epoch

@@ -10,8 +10,11 @@ Same tokens as `model.generate(..., do_sample=False)` (tested on CPU without com
   argmax) replayed from static buffers, with the 4D mask built on the device;
 - the host checks for end-of-sequence only every `sync_every` steps (no per-token device→host sync), and no logits
   processors or stopping-criteria objects run per token.
-Used by the eval runner and the server when `--fast-decode` is set; `bench/decode.py` measures it against
-transformers' native Llava.
+Used by the eval runner when `--fast-decode` is set (`internvl-chat eval --fast-decode`,
+`internvl_chat.eval.runner.generate_predictions(fast_decode=True)`, which builds one decoder per model and reuses it);
+the server does not use it (it calls `model.generate`). On a GPU in fp16/bf16 the compiled step's arithmetic is not
+`generate`'s bit for bit, so a near-tie between two logits can pick a different token. `bench/decode.py` measures
+it against transformers' native Llava, `bench/eval_throughput.py --fast-decode` in the eval runner.
 """
 
 import logging

@@ -7,8 +7,17 @@
 
 * **Batches**: questions are sorted by prompt length (longest first, ties in file order) and cut into batches, so
   padding is small; prompts are left-padded (the core model's batched ``generate`` equals one-by-one).
-* **Prefetch**: images are decoded and preprocessed (``processor(...)``) for the next batches in a thread pool
-  while the model generates the current one.
+* **Prefetch**: every image is decoded and preprocessed in its own thread-pool task (``processor.image_processor``
+  per image), and a batch's prompts are tokenized as one call, for the next ``prefetch`` batches while the model
+  generates the current one; the assembled inputs equal ``processor(images=..., text=..., padding=True,
+  padding_side="left")`` of the whole batch.
+* **Fast decoding** (``fast_decode=True``, ``internvl-chat eval --fast-decode``): greedy decoding through
+  `internvl_chat.generation.FastGreedyDecoder` (static cache, compiled decode step on CUDA) instead of
+  ``model.generate``; one decoder per model is built and reused across runs. Same answers as ``model.generate`` in
+  exact arithmetic (tested on CPU); on a GPU in fp16 a near-tie between two logits can flip a token, so it is off by
+  default (published-protocol runs use ``model.generate``).
+* **Timings**: the returned stats split the time into waiting for prepared inputs, host→device copies,
+  prefill + generation (GPU-synchronised) and detokenizing + writing, so a benchmark can show where time goes.
 * **Resumable**: each finished batch is appended to ``predictions.jsonl`` (LLaVA's answer-file fields:
   ``question_id``, ``prompt``, ``text``, ``model_id``, ``metadata``) and flushed; a rerun skips the ids already
   there (a line cut by a crash is dropped). When every question is answered the file is rewritten in question-file
@@ -22,9 +31,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -131,6 +142,18 @@ def _prompt_length(processor, prompt: str, has_image: bool) -> int:
     return n + (getattr(processor, "image_seq_length", 0) if has_image else 0)
 
 
+# Timing keys of the stats (seconds, summed over batches); see `generate_predictions`.
+TIMING_KEYS = (
+    "wait_seconds",
+    "first_wait_seconds",
+    "transfer_seconds",
+    "generate_seconds",
+    "postprocess_seconds",
+    "loop_seconds",
+    "prepare_cpu_seconds",
+)
+
+
 def generate_predictions(
     model,
     processor,
@@ -145,11 +168,27 @@ def generate_predictions(
     model_id: str | None = None,
     desc: str = "eval",
     seed: int = 0,
+    fast_decode: bool = False,
 ) -> tuple[dict[str, str], dict]:
-    """Generates the missing answers of ``samples`` into ``output_file``; returns ({key: text}, speed stats)."""
+    """Generates the missing answers of ``samples`` into ``output_file``; returns ({key: text}, speed stats).
+
+    ``fast_decode``: greedy decoding through `FastGreedyDecoder` instead of ``model.generate`` (see the module
+    docstring); it falls back to ``model.generate`` (with a warning) when the model's generation config sets
+    something the decoder does not apply (repetition penalty, minimum length...).
+
+    Stats: ``questions``, ``batch_size``, ``seconds`` (prefill + generation, GPU-synchronised, summed over batches)
+    and ``questions_per_second`` (questions / seconds), plus ``fast_decode`` (whether it was used), ``batches`` and
+    the breakdown of the batch loop: ``wait_seconds`` (blocked on prepared inputs; ``first_wait_seconds`` of it for
+    the first batch, i.e. filling the pipeline), ``transfer_seconds`` (host→device copies), ``generate_seconds``
+    (= ``seconds``; with fast decoding the first batch includes compiling the decode step), ``postprocess_seconds``
+    (detokenize + append to the file), ``loop_seconds`` (wall time of the whole loop) and ``prepare_cpu_seconds``
+    (image decoding + preprocessing + tokenization summed over the worker threads; near ``loop_seconds`` ×
+    ``num_workers`` means the workers, not the model, set the pace).
+    """
     store = PredictionStore(output_file)
     todo = [s for s in samples if s.key not in store.records]
     stats = {"questions": len(todo), "seconds": 0.0, "questions_per_second": None, "batch_size": batch_size}
+    stats.update({"fast_decode": False, "batches": 0, **dict.fromkeys(TIMING_KEYS, 0.0)})
     if todo:
         logger.info(
             "%s: %d questions to answer (%d already in %s)", desc, len(todo), len(samples) - len(todo), output_file
@@ -160,24 +199,235 @@ def generate_predictions(
         ordered = sorted(todo, key=lambda s: -lengths[s.key])
         batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
         model_id = model_id or getattr(model.config, "_name_or_path", "") or "model"
-        stats["seconds"] = _run_batches(
-            model, processor, batches, prompts, store, max_new_tokens, num_workers, prefetch, model_id, desc, seed
+        decoder = None
+        if fast_decode:
+            blockers = _fast_decode_blockers(model)
+            if blockers:
+                logger.warning("%s: fast decoding off, using model.generate (%s)", desc, "; ".join(blockers))
+            else:
+                # `lengths` estimates (the `<image>` token and BOS may differ by a token or two): a few tokens of
+                # slack; a batch that still does not fit gets a larger decoder in `_run_batches`.
+                decoder = _fast_decoder(model, batch_size, max(lengths.values()) + max_new_tokens + 8)
+        timings = _run_batches(
+            model,
+            processor,
+            batches,
+            prompts,
+            store,
+            max_new_tokens=max_new_tokens,
+            num_workers=num_workers,
+            prefetch=prefetch,
+            model_id=model_id,
+            desc=desc,
+            seed=seed,
+            decoder=decoder,
         )
+        stats.update(timings, fast_decode=decoder is not None, batches=len(batches))
+        stats["seconds"] = timings["generate_seconds"]
         stats["questions_per_second"] = len(todo) / stats["seconds"] if stats["seconds"] else None
     store.finalize([s.key for s in samples])
     return store.texts(), stats
 
 
 def _prepare(processor, batch: Sequence[Sample], prompts: dict[str, str]):
+    """The whole batch through one ``processor(...)`` call: the reference the per-image path must equal, and the
+    path of processors without a separate text step."""
     images = [[decode_image(s.image)] if s.image is not None else [] for s in batch]
     return processor(
         images=images, text=[prompts[s.key] for s in batch], padding=True, padding_side="left", return_tensors="pt"
     )
 
 
+def _supports_per_image(processor) -> bool:
+    """Whether the processor's image and text steps can run apart (InternVLChatProcessor and its remote-code copies);
+    other processors get one ``processor(...)`` call per batch."""
+    return getattr(processor, "image_processor", None) is not None and callable(getattr(processor, "_tokenize", None))
+
+
+def _load_pixels(processor, sample: Sample) -> torch.Tensor:
+    """One question's image, decoded and preprocessed on its own: (1, 3, S, S) float32. The image processor handles
+    each image independently, so concatenating these equals one call on the whole batch."""
+    return processor.image_processor(images=[decode_image(sample.image)], return_tensors="pt")["pixel_values"]
+
+
+def _batch_inputs(processor, batch: Sequence[Sample], prompts: dict[str, str], pixels: Sequence[torch.Tensor]):
+    """A batch's model inputs from its per-image ``pixels`` (the questions with an image, in batch order): the same
+    tensors as ``_prepare``. The text goes through the processor's own tokenization (``_tokenize``: LLaVA's
+    piecewise ``<image>`` handling), as ``processor.__call__`` does."""
+    from transformers import BatchFeature
+
+    texts = [prompts[s.key] for s in batch]
+    image_token = getattr(processor, "image_token", "<image>")
+    for i, (s, text) in enumerate(zip(batch, texts)):
+        # The checks `processor(...)` makes: one placeholder per image (a question text holding a literal `<image>`
+        # must fail here as it would there, not misalign image features).
+        if text.count(image_token) != (s.image is not None):
+            raise ValueError(
+                f"Sample {i}: {text.count(image_token)} `{image_token}` placeholders in the text but "
+                f"{int(s.image is not None)} images."
+            )
+    data = dict(processor._tokenize(texts, padding=True, padding_side="left"))
+    if pixels:
+        data["pixel_values"] = torch.cat(list(pixels))
+    return BatchFeature(data=data, tensor_type="pt")
+
+
+class _Prefetcher:
+    """Prepares the batches in order, up to ``prefetch`` ahead of the one the model works on.
+
+    Each image is its own task in a pool of ``num_workers`` threads (PIL decoding / resizing and numpy release the
+    GIL), so a batch of 64 images is ready after about 64 / num_workers image times instead of 64 (the first batch
+    has nothing to overlap with); one more thread assembles batches (tokenize, wait for the images, concatenate)
+    off the main thread. The pool is FIFO, so the images of earlier batches are done first.
+    """
+
+    def __init__(self, processor, batches, prompts, num_workers: int, prefetch: int):
+        self.processor, self.batches, self.prompts = processor, batches, prompts
+        self.per_image = _supports_per_image(processor)
+        self.images = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="eval-image")
+        self.assembler = ThreadPoolExecutor(1, thread_name_prefix="eval-batch")
+        self.pending: deque[Future] = deque()
+        self.submitted = 0
+        self.cpu_seconds = 0.0
+        self._lock = threading.Lock()
+        for _ in range(max(0, prefetch) + 1):
+            self._submit_next()
+
+    def _add(self, seconds: float) -> None:
+        with self._lock:
+            self.cpu_seconds += seconds
+
+    def _timed(self, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self._add(time.perf_counter() - start)
+
+    def _assemble(self, batch, pixel_futures):
+        pixels = [f.result() for f in pixel_futures]
+        return self._timed(_batch_inputs, self.processor, batch, self.prompts, pixels)
+
+    def _submit_next(self) -> None:
+        if self.submitted >= len(self.batches):
+            return
+        batch = self.batches[self.submitted]
+        self.submitted += 1
+        if self.per_image:
+            pixels = [
+                self.images.submit(self._timed, _load_pixels, self.processor, s) for s in batch if s.image is not None
+            ]
+            self.pending.append(self.assembler.submit(self._assemble, batch, pixels))
+        else:
+            self.pending.append(self.images.submit(self._timed, _prepare, self.processor, batch, self.prompts))
+
+    def next(self):
+        """The next batch's inputs (blocks until prepared); queues the batch ``prefetch`` further first, so the
+        workers never idle while the caller waits."""
+        future = self.pending.popleft()
+        self._submit_next()
+        return future.result()
+
+    def close(self) -> None:
+        # Queued work is useless once the loop stops (error or end): cancel it; the images first, so an assembling
+        # task waiting on one of them wakes up.
+        self.images.shutdown(wait=True, cancel_futures=True)
+        self.assembler.shutdown(wait=True, cancel_futures=True)
+
+
+# generation_config settings under which `model.generate`'s greedy tokens differ from a plain argmax (logits
+# processors, minimum lengths), with their no-op values; FastGreedyDecoder applies none of them.
+_NEUTRAL_SETTINGS = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None, []),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "sequence_bias": (None, {}),
+    "exponential_decay_length_penalty": (None,),
+    "stop_strings": (None, [], ""),
+}
+
+
+def _fast_decode_blockers(model) -> list[str]:
+    """Why `FastGreedyDecoder` would not give ``model.generate``'s answers for this model (empty: it would)."""
+    reasons = []
+    if (
+        getattr(model, "lm_head", None) is None
+        or getattr(getattr(model, "model", None), "language_model", None) is None
+    ):
+        reasons.append("the model has no .model.language_model / .lm_head")
+    config = getattr(model, "generation_config", None)
+    for key, neutral in _NEUTRAL_SETTINGS.items():
+        value = getattr(config, key, None)
+        if not any(value == n for n in neutral):
+            reasons.append(f"generation_config.{key}={value!r}")
+    return reasons
+
+
+_DECODER_ATTR = "_eval_fast_greedy_decoder"
+_LENGTH_BUCKET = 32
+
+
+def _fast_decoder(model, batch_size: int, max_length: int):
+    """The model's `FastGreedyDecoder` for ``batch_size`` × ``max_length`` (rounded up to a multiple of 32).
+
+    [IMPORTANT] reused across calls while it fits: a new decoder compiles its step again (and records new CUDA
+    graphs), which takes longer than a whole short-answer benchmark. It lives on the model (not in a global), so
+    dropping the model frees it. Reused only at the same length: a longer static cache makes every decode step
+    attend over (and read) more empty slots.
+    """
+    from ..generation import FastGreedyDecoder
+
+    max_length = -(-max_length // _LENGTH_BUCKET) * _LENGTH_BUCKET
+    decoder = getattr(model, _DECODER_ATTR, None)
+    if decoder is None or decoder.max_batch_size < batch_size or decoder.max_length != max_length:
+        decoder = FastGreedyDecoder(model, max_batch_size=batch_size, max_length=max_length)
+        object.__setattr__(model, _DECODER_ATTR, decoder)
+    return decoder
+
+
+def _as_generate_output(tokens: torch.Tensor, eos_ids: list[int], fill_id: int | None) -> torch.Tensor:
+    """The decoder's tokens (EOS repeated after a row's first EOS) in ``model.generate``'s layout: a row keeps its
+    first EOS, then holds ``fill_id``, and the columns end where the last row to finish emitted its EOS."""
+    if not eos_ids:
+        return tokens
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+    if fill_id is not None:
+        tokens = tokens.masked_fill((is_eos.long().cumsum(1) - is_eos.long()) > 0, fill_id)
+    if bool(is_eos.any(1).all()):
+        tokens = tokens[:, : int(is_eos.long().argmax(1).max()) + 1]
+    return tokens
+
+
+def _eos_ids(model) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
 def _run_batches(
-    model, processor, batches, prompts, store, max_new_tokens, num_workers, prefetch, model_id, desc, seed
-):
+    model,
+    processor,
+    batches,
+    prompts,
+    store,
+    *,
+    max_new_tokens,
+    num_workers,
+    prefetch,
+    model_id,
+    desc,
+    seed,
+    decoder=None,
+) -> dict[str, float]:
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -185,31 +435,65 @@ def _run_batches(
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id)
     # Clear sampling settings a checkpoint's generation_config may carry, so greedy decoding warns about nothing.
     gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    eos_ids = _eos_ids(model)
+    # `generate` pads finished rows with the first EOS id when there is no pad token.
+    fill_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else None)
+    timings = dict.fromkeys(TIMING_KEYS, 0.0)
     total = sum(len(b) for b in batches)
-    elapsed = 0.0
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool, tqdm(total=total, desc=desc, unit="q") as bar:
-        pending = [pool.submit(_prepare, processor, b, prompts) for b in batches[: prefetch + 1]]
-        for i, batch in enumerate(batches):
-            inputs = pending[i].result()
-            if i + prefetch + 1 < len(batches):
-                pending.append(pool.submit(_prepare, processor, batches[i + prefetch + 1], prompts))
-            pending[i] = None  # free the prepared tensors
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(**inputs, **gen_kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed += time.perf_counter() - start
-            texts = processor.post_process_image_text_to_text(out[:, inputs["input_ids"].shape[1] :])
-            records = []
-            for s, text in zip(batch, texts):
-                rec = {"question_id": s.id, "prompt": s.prompt, "text": text, "model_id": model_id, "metadata": {}}
-                if s.uid:
-                    rec["key"] = s.uid
-                records.append(rec)
-            store.append(records)
-            bar.update(len(batch))
-    return elapsed
+    loop_start = time.perf_counter()
+    prefetcher = _Prefetcher(processor, batches, prompts, num_workers, prefetch)
+    try:
+        with tqdm(total=total, desc=desc, unit="q") as bar:
+            for i, batch in enumerate(batches):
+                start = time.perf_counter()
+                inputs = prefetcher.next()
+                waited = time.perf_counter() - start
+                timings["wait_seconds"] += waited
+                if i == 0:
+                    timings["first_wait_seconds"] = waited
+
+                start = time.perf_counter()
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                if "pixel_values" in inputs:
+                    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+                timings["transfer_seconds"] += time.perf_counter() - start
+
+                start = time.perf_counter()
+                prompt_len = inputs["input_ids"].shape[1]
+                if decoder is not None:
+                    if len(batch) > decoder.max_batch_size or prompt_len + max_new_tokens > decoder.max_length:
+                        logger.warning("%s: batch %d outgrows the fast decoder; building a larger one", desc, i)
+                        decoder = _fast_decoder(model, len(batch), prompt_len + max_new_tokens)
+                    # The decoder runs under its own no_grad (as tested and benchmarked), not inference_mode: its
+                    # static cache is updated in place by the compiled step.
+                    new_tokens = decoder.generate(
+                        inputs["input_ids"],
+                        inputs["attention_mask"],
+                        inputs.get("pixel_values"),
+                        max_new_tokens=max_new_tokens,
+                        eos_token_id=eos_ids,
+                    )
+                    new_tokens = _as_generate_output(new_tokens, eos_ids, fill_id)
+                else:
+                    with torch.inference_mode():
+                        new_tokens = model.generate(**inputs, **gen_kwargs)[:, prompt_len:]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                timings["generate_seconds"] += time.perf_counter() - start
+
+                start = time.perf_counter()
+                texts = processor.post_process_image_text_to_text(new_tokens)
+                records = []
+                for s, text in zip(batch, texts):
+                    rec = {"question_id": s.id, "prompt": s.prompt, "text": text, "model_id": model_id, "metadata": {}}
+                    if s.uid:
+                        rec["key"] = s.uid
+                    records.append(rec)
+                store.append(records)
+                bar.update(len(batch))
+                timings["postprocess_seconds"] += time.perf_counter() - start
+    finally:
+        prefetcher.close()
+    timings["loop_seconds"] = time.perf_counter() - loop_start
+    timings["prepare_cpu_seconds"] = prefetcher.cpu_seconds
+    return timings
