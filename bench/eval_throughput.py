@@ -165,7 +165,10 @@ def main(argv=None) -> int:
     from internvl_chat.eval.tasks import SHORT_ANSWER, Sample
 
     model, processor, config = build_ours(args.tiny, args.device, dtype)
-    result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+    from common import environment
+
+    result = {"env": environment(), "command": "python3 bench/eval_throughput.py " + " ".join(sys.argv[1:]),
+              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
               "shapes": "llava-v1.5-7b" + (" (tiny)" if args.tiny else ""), "dtype": str(dtype),
               "questions": args.questions, "max_new_tokens": args.max_new_tokens,
               "parameters": sum(p.numel() for p in model.parameters()), "ours": {}}  # fmt: skip
