@@ -1,6 +1,7 @@
 """Greedy decode benchmark: ours vs transformers-native Llava, same process, same 7B-shaped random weights.
 
     PYTHONPATH=src python3 bench/decode.py --batch-sizes 1 16 64 --new-tokens 128 --out bench/results/decode.json
+    PYTHONPATH=src python3 bench/decode.py --batch-sizes 16 --profile ...   # + where the time goes
 
 Prompts are [BOS, 576 image tokens, 64 text tokens] with random pixels. For each batch size it times (median of
 runs after warm-up, end to end including prefill): native `generate` (dynamic cache), native `generate` with
@@ -12,12 +13,12 @@ import argparse
 import sys
 
 import torch
-from common import build_pair, environment, prompts, timed, write
+from common import build_pair, environment, profile_top, prompts, timed, write
 
 from internvl_chat.generation import FastGreedyDecoder
 
 
-def run_batch(ours, llava, batch, n, skip, compile_mode="reduce-overhead"):
+def run_batch(ours, llava, batch, n, skip, compile_mode="reduce-overhead", profile=False):
     ids, mask, pixels = prompts(batch)
     common = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False)
     decoder = FastGreedyDecoder(ours, max_batch_size=batch, max_length=ids.shape[1] + n + 8, compile_mode=compile_mode)
@@ -53,6 +54,10 @@ def run_batch(ours, llava, batch, n, skip, compile_mode="reduce-overhead"):
         gap = logits.max(-1).values - chosen
         row[f"{name}_teacher_forced_max_logit_gap"] = round(float(gap.max()), 4)
         row[f"{name}_teacher_forced_argmax_share"] = round(float((gap == 0).float().mean()), 4)
+    if profile:  # where a decode's time goes (prefill included), ours vs transformers' best effort
+        row["profile_ours_fast"] = profile_top(lambda: decoder.generate(ids, mask, pixels, max_new_tokens=n))
+        if "native_static" not in skip:
+            row["profile_native_static"] = profile_top(workloads["native_static"][0])
     fast = row.get("ours_fast_tokens_per_s")
     for base in ("native", "native_static"):
         if fast and row.get(f"{base}_tokens_per_s"):
@@ -66,6 +71,7 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip", nargs="*", default=[], help="workloads to skip: native native_static ours ours_fast")
     parser.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the decode step")
+    parser.add_argument("--profile", action="store_true", help="profile one decode of ours_fast and native_static")
     parser.add_argument("--out", default="bench/results/decode.json")
     args = parser.parse_args(argv)
 
@@ -73,7 +79,7 @@ def main(argv=None):
     ours, llava = build_pair()
     results = {"env": environment(), "command": "python3 bench/decode.py " + " ".join(sys.argv[1:]), "rows": []}
     for batch in args.batch_sizes:
-        row = run_batch(ours, llava, batch, args.new_tokens, args.skip, args.compile_mode)
+        row = run_batch(ours, llava, batch, args.new_tokens, args.skip, args.compile_mode, args.profile)
         results["rows"].append(row)
         print(row, flush=True)
         torch.cuda.empty_cache()

@@ -66,6 +66,7 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=80, help="samples per timed epoch, over all GPUs")
     parser.add_argument("--batch-size", type=int, default=4, help="samples per GPU per step")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--fsdp", action="store_true", help="shard even with one process (checks the FSDP path)")
     parser.add_argument("--baseline", help="JSON of the one-GPU run, for scaling efficiency")
     parser.add_argument("--out", default="bench/results/stage2_fsdp.json")
     args = parser.parse_args(argv)
@@ -76,7 +77,7 @@ def main(argv=None):
     device = f"cuda:{local}"
     torch.backends.cuda.matmul.allow_tf32 = True
     mesh = None
-    if world > 1:
+    if world > 1 or args.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cuda", (world,))
@@ -124,6 +125,8 @@ def main(argv=None):
                 times.append(time.perf_counter() - start)
         except torch.OutOfMemoryError:
             rows[name] = "OOM"
+        except Exception as error:  # recorded, so the other variants still get measured
+            rows[name] = f"error: {type(error).__name__}: {error}"[:500]
         else:
             seconds = sorted(times)[1]
             memory = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=device)
@@ -149,7 +152,7 @@ def main(argv=None):
             "env": environment(),
             "command": f"torchrun --nproc-per-node {world} bench/stage2_fsdp.py " + " ".join(sys.argv[1:]),
             "world_size": world,
-            "sharding": "FSDP2 fully_shard per decoder layer + vision tower + root" if world > 1 else "none",
+            "sharding": "FSDP2 fully_shard per decoder layer + vision tower + root" if mesh is not None else "none",
             "optimizer": "AdamW (bf16 states)",
             "samples": len(samples),
             "batch_size_per_gpu": args.batch_size,
