@@ -8,7 +8,7 @@ baseline (plain model, no FSDP), the second reads it:
         --out bench/results/stage2_fsdp_2gpu.json
 
 Every world size runs the SAME samples with the same per-GPU batch (strong scaling): batch group g goes to rank
-g % world_size. Sharding: each LLM decoder layer and the (frozen) vision tower is an FSDP unit, then the root;
+g % world_size. Sharding: each LLM decoder layer and (frozen) vision encoder layer is an FSDP unit, then the root;
 parameters, gradients and AdamW states in bf16 (as the one-GPU bench), reshard after forward (ZeRO-3).
 Scaling efficiency = samples/s on W GPUs / (W x samples/s of the same variant on one GPU).
 """
@@ -28,12 +28,18 @@ DEFAULT_VARIANTS = "native_padded,ours_varlen,ours_varlen_nockpt_compile"
 
 
 def shard(model, mesh):
-    """FSDP2 units: every LLM decoder layer, the vision tower, then the root (embeddings, projector, lm_head)."""
+    """FSDP2 units: every LLM decoder layer and vision encoder layer, then the root (embeddings, projector, lm_head,
+    the rest of the tower), as accelerate's TRANSFORMER_BASED_WRAP with the config's layer classes."""
     from torch.distributed.fsdp import fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
+    # [IMPORTANT] the tower's layers, not the tower: sharding the whole CLIPVisionModel swaps its class and
+    # transformers' Llava then gets no hidden_states from it (TypeError in get_image_features).
+    for layer in model.model.vision_tower.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            fully_shard(layer, mesh=mesh)
     for layer in model.model.language_model.layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model.model.vision_tower, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 
@@ -152,7 +158,7 @@ def main(argv=None):
             "env": environment(),
             "command": f"torchrun --nproc-per-node {world} bench/stage2_fsdp.py " + " ".join(sys.argv[1:]),
             "world_size": world,
-            "sharding": "FSDP2 fully_shard per decoder layer + vision tower + root" if mesh is not None else "none",
+            "sharding": "FSDP2 fully_shard per LLM / vision layer + root" if mesh is not None else "none",
             "optimizer": "AdamW (bf16 states)",
             "samples": len(samples),
             "batch_size_per_gpu": args.batch_size,

@@ -16,6 +16,7 @@ ALLOWED_TOP = {
     "PIL",
     "numpy",
     "math",
+    "inspect",
     "dataclasses",
     "typing",
     "collections",

@@ -22,6 +22,8 @@ import logging
 import torch
 from transformers import StaticCache
 
+from .modeling.modeling_internvl_chat import CACHE_KWARG
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ class FastGreedyDecoder:
     def _decode_step(self, tokens, positions, mask, cache):
         """tokens (B, 1), positions (B, 1), mask (B, 1, 1, L) bool → next tokens (B,)."""
         lm = self.model.model.language_model
-        out = lm(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = lm(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
         return self.model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
 from .configuration_intern_vit import InternViTConfig
@@ -32,6 +32,11 @@ from .modeling_multipath import MultiPathVisionModel
 from .modeling_varlen_attention import VARLEN_ATTENTION  # noqa: F401  (registers attn_implementation)
 
 logger = logging.get_logger(__name__)
+
+# [IMPORTANT] transformers 5.24 renamed the KV cache argument and output field `past_key_values` -> `cache`: its
+# `generate` passes `cache=` to forward and reads `outputs["cache"]`, and an output dataclass declaring
+# `past_key_values` cannot be built there. We pass and read the name of the installed version, and accept both.
+CACHE_KWARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # Vision tower class per vision `model_type`: one row per tower.
 # [IMPORTANT] keyed by model_type, not config class: with trust_remote_code, transformers may import the sibling
@@ -59,12 +64,9 @@ class InternVLChatModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class InternVLChatCausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class InternVLChatCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """Causal-LM output + `image_hidden_states`; the cache field is transformers' own (see `CACHE_KWARG`)."""
+
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -124,7 +126,7 @@ class InternVLChatPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     # Layers FSDP wraps / device_map never splits: the LLM decoder layers of the supported families and the towers'.
     _no_split_modules = [
         "LlamaDecoderLayer",
@@ -227,6 +229,8 @@ class InternVLChatModel(InternVLChatPreTrainedModel):
     ) -> InternVLChatModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        cache = kwargs.pop("cache", None)
+        past_key_values = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -245,7 +249,7 @@ class InternVLChatModel(InternVLChatPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **{CACHE_KWARG: past_key_values},
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -255,7 +259,7 @@ class InternVLChatModel(InternVLChatPreTrainedModel):
         )
         return InternVLChatModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -327,7 +331,7 @@ class InternVLChatForConditionalGeneration(InternVLChatPreTrainedModel, Generati
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=kwargs.pop("cache", None) if past_key_values is None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -351,7 +355,7 @@ class InternVLChatForConditionalGeneration(InternVLChatPreTrainedModel, Generati
         return InternVLChatCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
