@@ -1,6 +1,7 @@
 """Stage-1 (projector-only) training step: ours vs transformers-native Llava, same process, same 7B-shaped weights.
 
     PYTHONPATH=src python3 bench/stage1.py --batch-size 16 --text-tokens 64 --out bench/results/stage1.json
+    PYTHONPATH=src python3 bench/stage1.py --variants ckpt_compile no_ckpt_compile --profile ...   # where time goes
 
 Each sample is [BOS, 576 image tokens, 63 text tokens] with the last 32 text tokens supervised (a caption), gradient
 checkpointing on, only the projector trainable (AdamW), bf16 weights. Times forward + backward + optimizer step
@@ -12,7 +13,7 @@ import argparse
 import sys
 
 import torch
-from common import build_pair, environment, peak_flops, prompts, timed, write
+from common import build_pair, environment, peak_flops, profile_top, prompts, timed, write
 
 
 def step_fn(model, batch, ours: bool):
@@ -50,7 +51,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--text-tokens", type=int, default=63)
-    parser.add_argument("--variants", nargs="*", default=["no_ckpt", "no_ckpt_compile"])
+    parser.add_argument(
+        "--variants", nargs="*", default=["no_ckpt", "no_ckpt_compile"], help="of no_ckpt no_ckpt_compile ckpt_compile"
+    )
+    parser.add_argument("--profile", action="store_true", help="profile one step of each variant")
     parser.add_argument("--out", default="bench/results/stage1.json")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -72,17 +76,22 @@ def main(argv=None):
         variants.append(("ours_no_ckpt", ours, {"checkpointing": False}))
     if "no_ckpt_compile" in args.variants:
         variants.append(("ours_no_ckpt_compile", ours, {"checkpointing": False, "compile_layers": True}))
+    if "ckpt_compile" in args.variants:  # compiled layers stay compiled: this variant comes last
+        variants.append(("ours_ckpt_compile", ours, {"checkpointing": True, "compile_layers": True}))
     for name, model, options in variants:
         model.to("cuda")
         prepare(model, **options)
         torch.cuda.reset_peak_memory_stats()
-        seconds = timed(step_fn(model, batch, ours=name.startswith("ours")), warmup=3, repeat=5)
+        step = step_fn(model, batch, ours=name.startswith("ours"))
+        seconds = timed(step, warmup=3, repeat=5)
         rows[name] = {
             "samples_per_s": round(args.batch_size / seconds, 2),
             "step_s": round(seconds, 4),
             "mfu": round(flops / seconds / peak_flops(), 3),
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
         }
+        if args.profile:
+            rows[name]["profile"] = profile_top(step)
         print(name, rows[name], flush=True)
         model.to("cpu")
         torch.cuda.empty_cache()
