@@ -33,9 +33,8 @@ TOKENIZER_KWARGS = (
 class InternVLChatProcessor(ProcessorMixin):
     """Wraps an `InternVLChatImageProcessor` and a tokenizer (with `<image>` as a real token)."""
 
-    attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
+    # The sub-processors come from `__init__`'s argument names and load through AutoImageProcessor / AutoTokenizer
+    # (transformers >= 5.17 infers both; naming them as `*_class` attributes is deprecated and warns on every load).
 
     def __init__(
         self,
