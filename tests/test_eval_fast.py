@@ -129,8 +129,19 @@ def test_fast_decode_gives_generate_answers(tiny, tmp_path, monkeypatch):
     config.eos_token_id = [_eos_mid_answer(model, processor, samples)]
     monkeypatch.setattr(model, "generation_config", config)
     kw = dict(batch_size=3, max_new_tokens=NEW_TOKENS, num_workers=2)
+    from internvl_chat.generation import FastGreedyDecoder
+
+    rows_seen, real_generate = [], FastGreedyDecoder.generate
+
+    def spy(self, input_ids, *args, **kwargs):
+        rows_seen.append(input_ids.shape[0])
+        return real_generate(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(FastGreedyDecoder, "generate", spy)
     _, plain = runner.generate_predictions(model, processor, samples, tmp_path / "plain.jsonl", **kw)
     _, fast = runner.generate_predictions(model, processor, samples, tmp_path / "fast.jsonl", fast_decode=True, **kw)
+    # 7 questions in batches of 3: the last batch (1 question) is filled to 3 rows, one compiled shape.
+    assert rows_seen == [3, 3, 3]
     assert plain["fast_decode"] is False and fast["fast_decode"] is True
     assert (tmp_path / "fast.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
     texts = [r["text"] for r in _texts(tmp_path / "plain.jsonl")]
@@ -155,6 +166,22 @@ def test_fast_decode_falls_back_when_generate_would_differ(tiny, tmp_path, monke
     assert stats["fast_decode"] is False
     runner.generate_predictions(model, processor, samples, tmp_path / "b.jsonl", **kw)
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+def test_fill_rows_repeats_the_last_question():
+    ids = torch.tensor([[5, 9, 9, 6], [0, 7, 9, 9], [0, 0, 4, 6]])  # 9: image token, 2 per image
+    mask = (ids != 0).long()
+    pixels = torch.arange(2 * 3).float().view(2, 3)  # rows 0 and 1 have an image each
+    out_ids, out_mask, out_pixels = runner._fill_rows(
+        {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}, 5, 9, 2
+    )
+    assert out_ids.tolist() == ids.tolist() + [[0, 0, 4, 6]] * 2 and out_mask[3:].tolist() == [[0, 0, 1, 1]] * 2
+    assert torch.equal(out_pixels, pixels)  # the repeated question has no image
+    with_image = {"input_ids": ids[:2], "attention_mask": mask[:2], "pixel_values": pixels}
+    out_ids, _, out_pixels = runner._fill_rows(with_image, 4, 9, 2)
+    assert out_ids[2:].tolist() == [[0, 7, 9, 9]] * 2
+    assert out_pixels.tolist() == pixels.tolist() + [pixels[1].tolist()] * 2
+    assert runner._fill_rows(with_image, 2, 9, 2)[0] is with_image["input_ids"]  # full batch: as is
 
 
 def test_as_generate_output_layout():

@@ -13,7 +13,8 @@
   padding_side="left")`` of the whole batch.
 * **Fast decoding** (``fast_decode=True``, ``internvl-chat eval --fast-decode``): greedy decoding through
   `internvl_chat.generation.FastGreedyDecoder` (static cache, compiled decode step on CUDA) instead of
-  ``model.generate``; one decoder per model is built and reused across runs. Same answers as ``model.generate`` in
+  ``model.generate``; one decoder per model is built and reused across runs, and a short last batch is filled up
+  to the batch size so the compiled step keeps one shape. Same answers as ``model.generate`` in
   exact arithmetic (tested on CPU); on a GPU in fp16 a near-tie between two logits can flip a token, so it is off by
   default (published-protocol runs use ``model.generate``).
 * **Timings**: the returned stats split the time into waiting for prepared inputs, host→device copies,
@@ -378,19 +379,38 @@ _LENGTH_BUCKET = 32
 def _fast_decoder(model, batch_size: int, max_length: int):
     """The model's `FastGreedyDecoder` for ``batch_size`` × ``max_length`` (rounded up to a multiple of 32).
 
-    [IMPORTANT] reused across calls while it fits: a new decoder compiles its step again (and records new CUDA
-    graphs), which takes longer than a whole short-answer benchmark. It lives on the model (not in a global), so
-    dropping the model frees it. Reused only at the same length: a longer static cache makes every decode step
-    attend over (and read) more empty slots.
+    [IMPORTANT] reused across calls of the same batch size and length: a new decoder compiles its step again (and
+    records new CUDA graphs), which takes longer than a whole short-answer benchmark. It lives on the model (not in a
+    global), so dropping the model frees it. Not reused for a smaller batch or a shorter length: short batches are
+    filled up to the decoder's batch size (`_fill_rows`) and a longer static cache makes every decode step attend over
+    (and read) more empty slots, so an oversized decoder would waste work on every step.
     """
     from ..generation import FastGreedyDecoder
 
     max_length = -(-max_length // _LENGTH_BUCKET) * _LENGTH_BUCKET
     decoder = getattr(model, _DECODER_ATTR, None)
-    if decoder is None or decoder.max_batch_size < batch_size or decoder.max_length != max_length:
+    if decoder is None or decoder.max_batch_size != batch_size or decoder.max_length != max_length:
         decoder = FastGreedyDecoder(model, max_batch_size=batch_size, max_length=max_length)
         object.__setattr__(model, _DECODER_ATTR, decoder)
     return decoder
+
+
+def _fill_rows(inputs, rows: int, image_token_id: int, image_seq_length: int):
+    """(input_ids, attention_mask, pixel_values) with the last question repeated up to ``rows`` rows.
+
+    [IMPORTANT] the compiled decode step is recorded for one batch size: a short last batch would compile it (and
+    capture CUDA graphs) again, which costs more than many full batches. The repeats' answers are dropped. Left as is
+    when the last row holds several images (not a short-answer question)."""
+    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values")
+    missing = rows - ids.shape[0]
+    image_tokens = int((ids[-1] == image_token_id).sum())
+    if missing <= 0 or image_tokens not in (0, image_seq_length):
+        return ids, mask, pixels
+    ids = torch.cat([ids, ids[-1:].expand(missing, -1)])
+    mask = torch.cat([mask, mask[-1:].expand(missing, -1)])
+    if image_tokens:  # one image, the batch's last (images are stacked in row order)
+        pixels = torch.cat([pixels, pixels[-1:].expand(missing, *pixels.shape[1:])])
+    return ids, mask, pixels
 
 
 def _as_generate_output(tokens: torch.Tensor, eos_ids: list[int], fill_id: int | None) -> torch.Tensor:
@@ -466,13 +486,12 @@ def _run_batches(
                         decoder = _fast_decoder(model, len(batch), prompt_len + max_new_tokens)
                     # The decoder runs under its own no_grad (as tested and benchmarked), not inference_mode: its
                     # static cache is updated in place by the compiled step.
-                    new_tokens = decoder.generate(
-                        inputs["input_ids"],
-                        inputs["attention_mask"],
-                        inputs.get("pixel_values"),
-                        max_new_tokens=max_new_tokens,
-                        eos_token_id=eos_ids,
+                    ids, mask, pixels = _fill_rows(
+                        inputs, decoder.max_batch_size, model.config.image_token_id, model.config.image_seq_length
                     )
+                    new_tokens = decoder.generate(
+                        ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_id=eos_ids
+                    )[: len(batch)]
                     new_tokens = _as_generate_output(new_tokens, eos_ids, fill_id)
                 else:
                     with torch.inference_mode():
