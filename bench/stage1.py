@@ -40,6 +40,9 @@ def prepare(model, checkpointing=True, compile_layers=False):
     else:
         model.gradient_checkpointing_disable()
     if compile_layers:
+        # [IMPORTANT] a fresh dynamo state: graphs compiled for an earlier variant (other checkpointing setting) do
+        # not apply, and the recompiles can fall back to eager (seen: no triton kernels in the profile).
+        torch._dynamo.reset()
         # Per-layer compile: fuses RMSNorm / rotary / SiLU-mul around the matmuls; one graph reused by all layers.
         for layer in model.model.language_model.layers:
             layer.compile()
