@@ -481,7 +481,10 @@ def test_engine_batches_equal_one_by_one(loaded):
     batched = Engine(model, processor, max_batch_size=8, batch_window=0.5).start()
     try:
         one_by_one = [serial.submit(serial.prepare(m, im), p).text() for (m, im), p in zip(requests, params)]
-        handles = [batched.submit(batched.prepare(m, im), p) for (m, im), p in zip(requests, params)]
+        # Prepared first, then submitted together: the batch window (0.5 s) must not depend on how fast a loaded
+        # machine preprocesses images.
+        prepared = [batched.prepare(m, im) for m, im in requests]
+        handles = [batched.submit(item, p) for item, p in zip(prepared, params)]
         together = [h.text() for h in handles]
         assert batched.status()["max_batch_seen"] == 6
     finally:
