@@ -43,20 +43,22 @@ def peak_flops() -> float:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 989e12)
 
 
-def llava_7b_config(vocab_size=32064, image_token_id=32000, **text_overrides):
-    """Our InternVLChatConfig at LLaVA-1.5-7B shape (CLIP-L/336 + Vicuna-7B)."""
+def llava_7b_config(vocab_size=32064, image_token_id=32000, tiny=False, **text_overrides):
+    """Our InternVLChatConfig at LLaVA-1.5-7B shape (CLIP-L/336 + Vicuna-7B); `tiny` for CPU smoke tests."""
     from internvl_chat.presets import build_config
 
-    return build_config("llava-v1.5-7b", vocab_size=vocab_size, image_token_id=image_token_id, **text_overrides)
+    return build_config(
+        "llava-v1.5-7b", vocab_size=vocab_size, image_token_id=image_token_id, tiny=tiny, **text_overrides
+    )
 
 
-def build_pair(dtype=torch.bfloat16, device="cuda", native=True, **text_overrides):
+def build_pair(dtype=torch.bfloat16, device="cuda", native=True, tiny=False, **text_overrides):
     """(ours, native Llava or None) at 7B shape with identical random weights, on `device`."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from internvl_chat import InternVLChatForConditionalGeneration
 
-    config = llava_7b_config(**text_overrides)
+    config = llava_7b_config(tiny=tiny, **text_overrides)
     # Built directly on the GPU: transformers' own init runs there in seconds and sets every buffer (rotary
     # inv_freq, CLIP position ids) correctly, which a meta-device build followed by to_empty would not.
     torch.manual_seed(0)

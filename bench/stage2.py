@@ -27,7 +27,7 @@ from common import build_pair, environment, peak_flops, profile_top, timed, writ
 IMAGE_TOKEN, IMAGE_TOKENS = 32000, 576
 
 
-def sample_mix(n, seed=0):
+def sample_mix(n, seed=0, image_tokens=IMAGE_TOKENS):
     rng = random.Random(seed)
     samples = []
     for _ in range(n):
@@ -38,7 +38,7 @@ def sample_mix(n, seed=0):
             image, text = True, rng.randint(200, 900)
         else:
             image, text = False, rng.randint(100, 800)
-        ids = [1] + ([IMAGE_TOKEN] * IMAGE_TOKENS if image else []) + [rng.randint(100, 30000) for _ in range(text)]
+        ids = [1] + ([IMAGE_TOKEN] * image_tokens if image else []) + [rng.randint(100, 30000) for _ in range(text)]
         labels = [-100] * (len(ids) - text // 2) + ids[len(ids) - text // 2 :]
         samples.append((torch.tensor(ids), torch.tensor(labels), image))
     return samples

@@ -6,6 +6,7 @@ baseline (plain model, no FSDP), the second reads it:
     PYTHONPATH=src torchrun --nproc-per-node 1 bench/stage2_fsdp.py --out bench/results/stage2_fsdp_1gpu.json
     PYTHONPATH=src torchrun --nproc-per-node 2 bench/stage2_fsdp.py --baseline bench/results/stage2_fsdp_1gpu.json \
         --out bench/results/stage2_fsdp_2gpu.json
+    PYTHONPATH=src torchrun --nproc-per-node 2 bench/stage2_fsdp.py --cpu --tiny --samples 8 ...   # smoke test (gloo)
 
 Every world size runs the SAME samples with the same per-GPU batch (strong scaling): batch group g goes to rank
 g % world_size. Sharding: each LLM decoder layer and (frozen) vision encoder layer is an FSDP unit, then the root;
@@ -63,7 +64,8 @@ def epoch(model, optimizer, groups, packed, pixels, device):
         forward_loss(model, group, packed, pixels, device).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available() and str(device).startswith("cuda"):
+        torch.cuda.synchronize()
     dist.barrier()
 
 
@@ -74,33 +76,42 @@ def main(argv=None):
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     parser.add_argument("--fsdp", action="store_true", help="shard even with one process (checks the FSDP path)")
     parser.add_argument("--baseline", help="JSON of the one-GPU run, for scaling efficiency")
+    parser.add_argument("--cpu", action="store_true", help="CPU processes over gloo, fp32 (smoke test of the script)")
+    parser.add_argument("--tiny", action="store_true", help="tiny model shapes (smoke test of the script)")
     parser.add_argument("--out", default="bench/results/stage2_fsdp.json")
     args = parser.parse_args(argv)
-    dist.init_process_group("nccl")
+    dist.init_process_group("gloo" if args.cpu else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", rank))
-    torch.cuda.set_device(local)
-    device = f"cuda:{local}"
-    torch.backends.cuda.matmul.allow_tf32 = True
+    if args.cpu:
+        device, dtype = "cpu", torch.float32
+    else:
+        torch.cuda.set_device(local)
+        device, dtype = f"cuda:{local}", torch.bfloat16
+        torch.backends.cuda.matmul.allow_tf32 = True
     mesh = None
     if world > 1 or args.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cuda", (world,))
+        mesh = init_device_mesh("cpu" if args.cpu else "cuda", (world,))
 
     names = args.variants.split(",")
-    samples = sample_mix(args.samples)
+    ours, llava = build_pair(dtype=dtype, device=device, native=any(not VARIANTS[n][0] for n in names), tiny=args.tiny)
+    image_tokens, size = ours.config.image_seq_length, ours.config.vision_config.image_size
+    samples = sample_mix(args.samples, image_tokens=image_tokens)
     groups = [samples[i : i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
+    if world > 1 and "native_padded" in names and not all(any(img for _, _, img in g) for g in groups):
+        # transformers' Llava skips its tower for a batch without images; sharded, the other ranks then wait in
+        # the tower's all-gather (ours runs it on a blank image, see InternVLChatModel.forward).
+        raise SystemExit("a batch group has no image: native Llava would desync under FSDP; change --samples")
     mine = groups[rank::world]
     real_tokens = sum(len(i) for i, _, _ in samples)
     images = sum(image for _, _, image in samples)
-    pixels = torch.randn(args.batch_size, 3, 336, 336, device=device, dtype=torch.bfloat16)
-
-    ours, llava = build_pair(device=device, native=any(not VARIANTS[n][0] for n in names))
+    pixels = torch.randn(args.batch_size, 3, size, size, device=device, dtype=dtype)
     llm = sum(p.numel() for p in ours.model.language_model.parameters()) + ours.lm_head.weight.numel()
     llm -= ours.model.language_model.get_input_embeddings().weight.numel()
     vision = sum(p.numel() for p in ours.model.vision_tower.parameters())
-    flops = 6 * llm * real_tokens + 2 * vision * 577 * images
+    flops = 6 * llm * real_tokens + 2 * vision * (image_tokens + 1) * images
     ours.to("cpu")
     models = {False: llava, True: ours}
     placed = set()  # models already on the GPU (and sharded)
@@ -119,8 +130,9 @@ def main(argv=None):
         configure(model, attn, ckpt, compiled)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
         step = (model, optimizer, mine, packed, pixels, device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if not args.cpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
             for _ in range(2 if compiled else 1):
                 epoch(*step)
@@ -135,7 +147,8 @@ def main(argv=None):
             rows[name] = f"error: {type(error).__name__}: {error}"[:500]
         else:
             seconds = sorted(times)[1]
-            memory = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=device)
+            peak = torch.cuda.max_memory_allocated() if not args.cpu else 0
+            memory = torch.tensor([peak / 2**30], device=device)
             dist.all_reduce(memory, op=dist.ReduceOp.MAX)
             rows[name] = {
                 "attention": attn,

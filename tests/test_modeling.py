@@ -228,3 +228,39 @@ def test_frozen_tower_runs_without_autograd(tiny_model):
     assert features.requires_grad  # the projector still trains
     grads = torch.autograd.grad(features.sum(), tiny_model.model.multi_modal_projector.linear_1.weight)
     assert grads[0].abs().sum() > 0
+
+
+def test_text_only_batch_runs_the_tower_in_distributed_training(tiny_model, monkeypatch):
+    """Sharded training (FSDP / ZeRO-3) needs every rank to run the tower and projector: a batch without images runs
+    them on one blank image, adding 0 to the embeddings, so the loss and gradients are those without it."""
+    from internvl_chat.modeling import modeling_internvl_chat as mod
+
+    ids = torch.randint(1, 99, (2, 9), generator=torch.Generator().manual_seed(3))
+    calls = []
+    hook = tiny_model.model.vision_tower.register_forward_hook(lambda *a: calls.append(a[1]))
+    tiny_model.train()
+    try:
+        single = tiny_model(input_ids=ids, labels=ids)
+        single.loss.backward()
+        grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+        tiny_model.zero_grad(set_to_none=True)
+        assert calls == []  # one process: nothing extra
+
+        monkeypatch.setattr(mod, "_distributed_world_size", lambda: 2)
+        multi = tiny_model(input_ids=ids, labels=ids)
+        multi.loss.backward()
+        assert len(calls) == 1  # the tower ran, on one image
+        assert torch.equal(multi.loss, single.loss)
+        for name, grad in grads.items():
+            assert torch.equal(dict(tiny_model.named_parameters())[name].grad, grad), name
+        projector = tiny_model.model.multi_modal_projector.linear_1.weight.grad
+        assert projector is not None and not projector.any()  # in the graph (DDP / FSDP see it), zero gradient
+
+        tiny_model.eval()  # inference never pays for it
+        with torch.no_grad():
+            tiny_model(input_ids=ids)
+        assert len(calls) == 1
+    finally:
+        hook.remove()
+        tiny_model.zero_grad(set_to_none=True)
+        tiny_model.eval()

@@ -56,6 +56,12 @@ def build_vision_tower(vision_config) -> PreTrainedModel:
     return VISION_TOWERS[vision_config.model_type](vision_config)
 
 
+def _distributed_world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 @dataclass
 class InternVLChatModelOutputWithPast(BaseModelOutputWithPast):
     """Backbone output; `image_hidden_states` are the projected image features, (num_images, tokens, llm_width)."""
@@ -177,6 +183,11 @@ class InternVLChatModel(InternVLChatPreTrainedModel):
             features = self._select_features(tower, pixel_values)
         return self.multi_modal_projector(features)
 
+    def _blank_pixel_values(self, like: torch.Tensor) -> torch.Tensor:
+        """One all-zero image (1, 3, S, S) at the tower's input size."""
+        size = self.config.input_image_size or self.config.vision_config.image_size
+        return torch.zeros(1, 3, size, size, device=like.device, dtype=like.dtype)
+
     def _select_features(self, tower, pixel_values):
         if self.config.is_multipath_encoder:
             # The multi-path encoder returns its fused fast/slow tokens: no select layer, no CLS.
@@ -245,6 +256,14 @@ class InternVLChatModel(InternVLChatPreTrainedModel):
                 f"The input holds {int((input_ids == self.config.image_token_id).sum())} image tokens but no "
                 "pixel_values were given (0 image features)."
             )
+        elif self.training and _distributed_world_size() > 1:
+            # [IMPORTANT] sharded training (FSDP, ZeRO-3) gathers the tower's and projector's weights with
+            # collectives that every rank must join, and DDP expects the same parameters used on every rank: a batch
+            # without images would skip them on one rank and hang or desync the others (seen: gloo "collective
+            # mismatch" with FSDP2). Run them on one blank image and add 0 x the result (LLaVA feeds a zero image to
+            # text-only samples for the same reason); the values and gradients are unchanged.
+            blank = self.get_image_features(self._blank_pixel_values(inputs_embeds))
+            inputs_embeds = inputs_embeds + 0.0 * blank.sum()
 
         outputs = self.language_model(
             attention_mask=attention_mask,
