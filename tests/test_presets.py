@@ -39,6 +39,10 @@ def test_tiny_preset_builds_saves_reloads_and_chats(name, tmp_path):
         b = loaded(**inputs).logits
         out = loaded.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.allclose(a, b, atol=1e-5)
+    # The blank image distributed training feeds the tower for a batch without images fits every tower.
+    with torch.no_grad():
+        blank = loaded.model.get_image_features(loaded.model._blank_pixel_values(inputs["pixel_values"]))
+    assert blank.shape[0] == 1 and blank.shape[-1] == config.text_config.hidden_size
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3 or out[0, -1] in loaded.generation_config.eos_token_id
 
 
