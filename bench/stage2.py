@@ -96,6 +96,36 @@ VARIANTS = {  # name: (ours?, packed?, attention, gradient checkpointing?, compi
 }
 
 
+def configure(model, attn, ckpt, compiled):
+    """A variant's attention kernel, gradient checkpointing and per-layer compile on `model` (undoing an earlier
+    variant's settings; the layers' compiled wrappers are dropped when `compiled` is off)."""
+    model.set_attn_implementation(attn)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    for layer in model.model.language_model.layers:
+        if compiled:
+            layer.compile()
+        else:
+            layer._compiled_call_impl = None
+    model.train()
+
+
+def speedups(rows) -> dict:
+    """{"speedup_vs_native_padded": {variant: samples/s ratio}} when the native row was measured, else {}."""
+    native = rows.get("native_padded")
+    if not isinstance(native, dict):
+        return {}
+    return {
+        "speedup_vs_native_padded": {
+            n: round(r["samples_per_s"] / native["samples_per_s"], 2)
+            for n, r in rows.items()
+            if isinstance(r, dict) and n != "native_padded"
+        }
+    }
+
+
 def add_lora(model, rank=128, alpha=256):
     """LLaVA's LoRA recipe: every Linear of the LLM (not the tower, not lm_head) gets r=128 adapters; projector
     trained in full."""
@@ -153,7 +183,6 @@ def main(argv=None):
         is_ours, packed, attn, ckpt, compiled = VARIANTS[name]
         model = models[is_ours]
         base = model.get_base_model() if args.lora else model
-        base.set_attn_implementation(attn)
         model.to("cuda")
         if not args.lora:
             base.requires_grad_(True)
@@ -161,16 +190,7 @@ def main(argv=None):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         llm_flops = (4 * llm + 6 * trainable) if args.lora else 6 * llm
         flops = llm_flops * real_tokens + 2 * vision * 577 * images
-        if ckpt:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_disable()
-        layers = base.model.language_model.layers
-        for layer in layers:
-            if compiled:
-                layer.compile()
-            else:
-                layer._compiled_call_impl = None  # undo an earlier variant's compile
+        configure(base, attn, ckpt, compiled)
         model.train()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -204,13 +224,7 @@ def main(argv=None):
         "padded_tokens_native": padded_tokens,
         **rows,
     }
-    base_row = rows.get("native_padded")
-    if isinstance(base_row, dict):
-        result["speedup_vs_native_padded"] = {
-            n: round(r["samples_per_s"] / base_row["samples_per_s"], 2)
-            for n, r in rows.items()
-            if isinstance(r, dict) and n != "native_padded"
-        }
+    result.update(speedups(rows))
     write(args.out, result)
     print(result)
 

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 from common import build_pair, environment, peak_flops, write
-from stage2 import VARIANTS, forward_loss, sample_mix
+from stage2 import VARIANTS, configure, forward_loss, sample_mix, speedups
 
 DEFAULT_VARIANTS = "native_padded,ours_varlen,ours_varlen_nockpt_compile"
 
@@ -42,20 +42,6 @@ def shard(model, mesh):
     for layer in model.model.language_model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-
-
-def configure(model, attn, ckpt, compiled):
-    model.set_attn_implementation(attn)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
-    for layer in model.model.language_model.layers:
-        if compiled:
-            layer.compile()
-        else:
-            layer._compiled_call_impl = None
-    model.train()
 
 
 def epoch(model, optimizer, groups, packed, pixels, device):
@@ -178,13 +164,7 @@ def main(argv=None):
             "real_tokens": real_tokens,
             **rows,
         }
-        native = rows.get("native_padded")
-        if isinstance(native, dict):
-            result["speedup_vs_native_padded"] = {
-                n: round(r["samples_per_s"] / native["samples_per_s"], 2)
-                for n, r in rows.items()
-                if isinstance(r, dict) and n != "native_padded"
-            }
+        result.update(speedups(rows))
         if args.baseline:
             with open(args.baseline) as f:
                 base = json.load(f)

@@ -77,7 +77,7 @@ class FastGreedyDecoder:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device)
-        eos = torch.tensor(sorted(_as_list(eos_token_id)) or [-1], device=device)
+        eos = torch.tensor(sorted(token_ids(eos_token_id)) or [-1], device=device)
 
         # Prefill: the regular forward (vision tower + merge + LLM), writing into a fresh static cache.
         cache = self._new_cache()
@@ -116,9 +116,10 @@ class FastGreedyDecoder:
         return result
 
 
-def _as_list(value):
+def token_ids(value) -> list[int]:
+    """None, one id or several (a generation config's `eos_token_id`) → a list of ints."""
     if value is None:
         return []
     if isinstance(value, int):
         return [value]
-    return list(value)
+    return [int(v) for v in value]

@@ -240,9 +240,10 @@ def _prepare(processor, batch: Sequence[Sample], prompts: dict[str, str]):
 
 
 def _supports_per_image(processor) -> bool:
-    """Whether the processor's image and text steps can run apart (InternVLChatProcessor and its remote-code copies);
-    other processors get one ``processor(...)`` call per batch."""
-    return getattr(processor, "image_processor", None) is not None and callable(getattr(processor, "_tokenize", None))
+    """Whether the processor's image and text steps can run apart (``encode_text``: InternVLChatProcessor and its
+    remote-code copies); other processors get one ``processor(...)`` call per batch."""
+    has_images = getattr(processor, "image_processor", None) is not None
+    return has_images and callable(getattr(processor, "encode_text", None))
 
 
 def _load_pixels(processor, sample: Sample) -> torch.Tensor:
@@ -253,21 +254,12 @@ def _load_pixels(processor, sample: Sample) -> torch.Tensor:
 
 def _batch_inputs(processor, batch: Sequence[Sample], prompts: dict[str, str], pixels: Sequence[torch.Tensor]):
     """A batch's model inputs from its per-image ``pixels`` (the questions with an image, in batch order): the same
-    tensors as ``_prepare``. The text goes through the processor's own tokenization (``_tokenize``: LLaVA's
-    piecewise ``<image>`` handling), as ``processor.__call__`` does."""
+    tensors, and the same placeholder / truncation checks, as ``_prepare``, through the processor's text step."""
     from transformers import BatchFeature
 
     texts = [prompts[s.key] for s in batch]
-    image_token = getattr(processor, "image_token", "<image>")
-    for i, (s, text) in enumerate(zip(batch, texts)):
-        # The checks `processor(...)` makes: one placeholder per image (a question text holding a literal `<image>`
-        # must fail here as it would there, not misalign image features).
-        if text.count(image_token) != (s.image is not None):
-            raise ValueError(
-                f"Sample {i}: {text.count(image_token)} `{image_token}` placeholders in the text but "
-                f"{int(s.image is not None)} images."
-            )
-    data = dict(processor._tokenize(texts, padding=True, padding_side="left"))
+    num_images = [int(s.image is not None) for s in batch]
+    data = dict(processor.encode_text(texts, num_images=num_images, padding=True, padding_side="left"))
     if pixels:
         data["pixel_values"] = torch.cat(list(pixels))
     return BatchFeature(data=data, tensor_type="pt")
@@ -426,13 +418,6 @@ def _as_generate_output(tokens: torch.Tensor, eos_ids: list[int], fill_id: int |
     return tokens
 
 
-def _eos_ids(model) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-
-
 def _run_batches(
     model,
     processor,
@@ -455,7 +440,9 @@ def _run_batches(
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id)
     # Clear sampling settings a checkpoint's generation_config may carry, so greedy decoding warns about nothing.
     gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    eos_ids = _eos_ids(model)
+    from ..generation import token_ids
+
+    eos_ids = token_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     # `generate` pads finished rows with the first EOS id when there is no pad token.
     fill_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else None)
     timings = dict.fromkeys(TIMING_KEYS, 0.0)

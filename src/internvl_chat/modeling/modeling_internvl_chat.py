@@ -350,7 +350,7 @@ class InternVLChatForConditionalGeneration(InternVLChatPreTrainedModel, Generati
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=kwargs.pop("cache", None) if past_key_values is None else past_key_values,
+            past_key_values=past_key_values,  # transformers >= 5.24 passes `cache=` in kwargs: the backbone takes both
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,

@@ -81,40 +81,50 @@ class InternVLChatProcessor(ProcessorMixin):
             logger.debug("InternVLChatProcessor ignores %s", sorted(kwargs))
 
         per_sample = self._images_per_sample(images, texts)
-        expected = [t.count(self.image_token) for t in texts]
-        flat_images = []
-        for i, (sample_images, n_tokens) in enumerate(zip(per_sample, expected)):
-            if per_sample_given(images, texts) and len(sample_images) != n_tokens:
-                raise ValueError(
-                    f"Sample {i}: {n_tokens} `{self.image_token}` placeholders in the text but "
-                    f"{len(sample_images)} images."
-                )
-            flat_images.extend(sample_images)
-        if len(flat_images) != sum(expected):
+        if per_sample_given(images, texts):
+            self._check_placeholders(texts, [len(sample_images) for sample_images in per_sample])
+        flat_images = [image for sample_images in per_sample for image in sample_images]
+        expected = sum(t.count(self.image_token) for t in texts)
+        if len(flat_images) != expected:
             raise ValueError(
-                f"The text holds {sum(expected)} `{self.image_token}` placeholders but {len(flat_images)} images were "
+                f"The text holds {expected} `{self.image_token}` placeholders but {len(flat_images)} images were "
                 "given; each image needs exactly one placeholder."
             )
 
-        encoding = self._tokenize(texts, **text_kwargs)
-
-        # Truncation must never cut inside the image tokens: the model would see fewer tokens than features.
-        for i, ids in enumerate(encoding["input_ids"]):
-            kept = sum(1 for t in ids if t == self.image_token_id)
-            want = expected[i] * self.image_seq_length
-            if kept != want:
-                raise ValueError(
-                    f"Sample {i}: {want} image tokens expected ({expected[i]} images × {self.image_seq_length}) but "
-                    f"{kept} remain after tokenization (max_length={text_kwargs.get('max_length')}); truncation "
-                    "would cut the image tokens. Raise max_length or shorten the text."
-                )
-
-        data = dict(encoding)
+        data = dict(self.encode_text(texts, **text_kwargs))
         if flat_images:
             data["pixel_values"] = self.image_processor(flat_images, return_tensors="pt", **images_kwargs)[
                 "pixel_values"
             ]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def encode_text(self, texts, num_images=None, **text_kwargs):
+        """The text half of `__call__`: `texts` tokenized with every `<image>` expanded, for callers that preprocess
+        the images themselves (the eval runner does it per image, in threads). `num_images[i]`, when given, is the
+        number of images sample i comes with; its placeholders must match. Text kwargs as `__call__`'s."""
+        if num_images is not None:
+            self._check_placeholders(texts, num_images)
+        encoding = self._tokenize(texts, **text_kwargs)
+        # Truncation must never cut inside the image tokens: the model would see fewer tokens than features.
+        for i, (text, ids) in enumerate(zip(texts, encoding["input_ids"])):
+            n_images = text.count(self.image_token)
+            kept = sum(1 for t in ids if t == self.image_token_id)
+            want = n_images * self.image_seq_length
+            if kept != want:
+                raise ValueError(
+                    f"Sample {i}: {want} image tokens expected ({n_images} images × {self.image_seq_length}) but "
+                    f"{kept} remain after tokenization (max_length={text_kwargs.get('max_length')}); truncation "
+                    "would cut the image tokens. Raise max_length or shorten the text."
+                )
+        return encoding
+
+    def _check_placeholders(self, texts, num_images):
+        for i, (text, n) in enumerate(zip(texts, num_images)):
+            n_tokens = text.count(self.image_token)
+            if n_tokens != n:
+                raise ValueError(
+                    f"Sample {i}: {n_tokens} `{self.image_token}` placeholders in the text but {n} images."
+                )
 
     def _tokenize(self, texts, add_special_tokens=None, truncation=False, max_length=None, padding=False, **kwargs):
         """Tokenizes as LLaVA's `tokenizer_image_token`: the text is cut at each `<image>`, every piece is
