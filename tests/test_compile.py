@@ -2,6 +2,7 @@
 variants) give eager's logits, loss and gradients on a tiny model, on CPU (inductor's C++ backend)."""
 
 import torch
+from torch._dynamo.utils import counters
 
 from test_modeling import IMG, make_pair, sample_inputs
 
@@ -26,8 +27,10 @@ def test_compiled_layers_match_eager_logits_loss_and_grads():
     try:
         for layer in layers:
             layer.compile()
+        counters.clear()
         compiled = _loss_and_grads(ours, inputs)
         assert all(layer._compiled_call_impl is not None for layer in layers)
+        assert counters["frames"]["ok"] > 0 and counters["stats"]["unique_graphs"] > 0  # dynamo really compiled
     finally:
         for layer in layers:
             layer._compiled_call_impl = None
