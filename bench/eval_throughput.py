@@ -60,7 +60,7 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
 
 
 def build_ours(tiny: bool, device: str, dtype: torch.dtype):
-    from internvl_chat.hub.create import build_processor, prepare_tokenizer
+    from internvl_chat.factories import build_processor, prepare_tokenizer
     from internvl_chat.modeling import InternVLChatForConditionalGeneration
     from internvl_chat.presets import build_config, get_preset
     from internvl_chat.templates import TEMPLATES

@@ -63,7 +63,7 @@ def make_samples(folder: Path, n: int, answer_words: int, seed: int = 0) -> list
 
 
 def build(tiny: bool, device: str, dtype: torch.dtype):
-    from internvl_chat.hub.create import build_processor, create, prepare_tokenizer
+    from internvl_chat.factories import build_processor, create, prepare_tokenizer
 
     if tiny:
         model, processor, _ = create("llava-v1.5-7b", None, tokenizer=str(TOKENIZER), tiny=True)

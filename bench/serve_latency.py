@@ -33,7 +33,7 @@ TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizers" / "vicuna-v1.5"
 
 def build_random_model(preset: str, dtype: torch.dtype, device: str):
     """Full-size random model built directly on `device` (no 14 GB checkpoint on disk)."""
-    from internvl_chat.hub.create import create
+    from internvl_chat.factories import create
     from internvl_chat.modeling import InternVLChatForConditionalGeneration
 
     meta_model, processor, counts = create(preset, None, tokenizer=str(TOKENIZER), tiny=False)
@@ -150,7 +150,7 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     if args.model:
-        from internvl_chat.serve.loading import load_model
+        from internvl_chat.loading import load_model
 
         model, processor = load_model(
             args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn_implementation

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from internvl_chat.data import VisionChatDataset  # noqa: E402
-from internvl_chat.hub.create import create  # noqa: E402
+from internvl_chat.factories import create  # noqa: E402
 from internvl_chat.training.collator import VisionChatCollator  # noqa: E402
 from internvl_chat.training.stages import StageConfig, apply_stage  # noqa: E402
 from internvl_chat.training.trainer import VisionSFTConfig, VisionSFTTrainer  # noqa: E402

@@ -402,7 +402,7 @@ def test_packed_layout():
 
 @pytest.fixture(scope="module")
 def tiny_llava():
-    from internvl_chat.hub.create import create
+    from internvl_chat.factories import create
 
     model, processor, _ = create("llava-v1.5-7b", None, tokenizer=str(TOKENIZERS / "vicuna-v1.5"), tiny=True)
     return model, processor

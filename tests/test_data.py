@@ -105,7 +105,7 @@ def test_dataset_lazy_images_and_modality_lengths(clean):
 
 def test_dataloader_workers_with_collator(clean):
     """Zero dropped samples on a clean file through a 2-worker DataLoader; counters are shared with workers."""
-    from internvl_chat.hub.create import build_processor, prepare_tokenizer
+    from internvl_chat.factories import build_processor, prepare_tokenizer
     from internvl_chat.training.collator import VisionChatCollator
 
     path, images = clean
@@ -125,7 +125,7 @@ def test_dataloader_workers_with_collator(clean):
 
 def test_hf_view_for_trl_gives_the_same_batch(clean):
     """TRL's SFTTrainer takes only HF datasets: the HF view (image references) collates to the same batch."""
-    from internvl_chat.hub.create import build_processor, prepare_tokenizer
+    from internvl_chat.factories import build_processor, prepare_tokenizer
     from internvl_chat.training.collator import VisionChatCollator
 
     path, images = clean

@@ -23,7 +23,7 @@ NEW_TOKENS = 4
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from internvl_chat.eval.runner import load_model
-    from internvl_chat.hub.create import create
+    from internvl_chat.factories import create
 
     folder = tmp_path_factory.mktemp("model") / "llava-tiny"
     create("llava-v1.5-7b", str(folder), tokenizer=str(TOKENIZERS / "vicuna-v1.5"), tiny=True)

@@ -72,7 +72,7 @@ def test_round_trip_is_lossless(converted):
 
 
 def test_export_refuses_what_llava_cannot_express(tmp_path):
-    from internvl_chat.hub.create import create
+    from internvl_chat.factories import create
 
     create(
         "internvl-chat-vit6b-224to336-vicuna-7b",

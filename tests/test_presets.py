@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import TOKENIZERS
-from internvl_chat.hub.create import create
+from internvl_chat.factories import create
 from internvl_chat.presets import PRESETS, TOWERS, input_size
 
 TOKENIZER_OF = {"vicuna_v1": "vicuna-v1.5", "phi3_instruct": "phi-3.5-mini", "llama3": "llama-3.1"}

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import TOKENIZERS
-from internvl_chat.hub.create import build_processor, prepare_tokenizer
+from internvl_chat.factories import build_processor, prepare_tokenizer
 
 N = 16  # image tokens of the tiny llava preset (56px / 14)
 

@@ -34,7 +34,7 @@ _saved = {}
 
 
 def saved_model(preset, tmp_path_factory):
-    from internvl_chat.hub.create import create
+    from internvl_chat.factories import create
 
     if preset not in _saved:
         folder = tmp_path_factory.mktemp(preset)

@@ -33,7 +33,7 @@ from internvl_chat.templates import render_chat
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from internvl_chat.hub.create import create
+    from internvl_chat.factories import create
 
     out = tmp_path_factory.mktemp("tiny-model")
     model, processor, _ = create("llava-v1.5-7b", str(out), tokenizer=str(TOKENIZERS / "vicuna-v1.5"), tiny=True)

@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 def make_tiny_model(folder: Path) -> Path:
-    from internvl_chat.hub.create import create
+    from internvl_chat.factories import create
 
     create("llava-v1.5-7b", str(folder), tokenizer=str(TOKENIZERS / "vicuna-v1.5"), tiny=True)
     return folder
@@ -136,7 +136,7 @@ def server(tiny_dir, media_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
     """Answers computed in this process with plain `model.generate` (the one-at-a-time truth)."""
-    from internvl_chat.serve.loading import load_model
+    from internvl_chat.loading import load_model
 
     model, processor = load_model(str(tiny_dir))
 
@@ -460,7 +460,7 @@ def test_web_remote_backend_against_the_server(server, client):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_dir):
-    from internvl_chat.serve.loading import load_model
+    from internvl_chat.loading import load_model
 
     return load_model(str(tiny_dir))
 
@@ -540,7 +540,7 @@ def test_row_decoder_holds_back_stop_prefixes(loaded):
 def test_load_model_errors(tiny_dir, tmp_path):
     import importlib.util
 
-    from internvl_chat.serve.loading import ModelLoadError, load_model
+    from internvl_chat.loading import ModelLoadError, load_model
 
     with pytest.raises(ModelLoadError, match="not a folder"):
         load_model(str(tmp_path / "missing"))
@@ -553,7 +553,7 @@ def test_load_model_errors(tiny_dir, tmp_path):
 
 def test_lora_adapter_with_model_base(tiny_dir, tmp_path, loaded):
     peft = pytest.importorskip("peft")
-    from internvl_chat.serve.loading import load_model
+    from internvl_chat.loading import load_model
 
     model, processor = loaded
     base = type(model).from_pretrained(str(tiny_dir))

@@ -29,8 +29,8 @@ QUESTION = "What is in the image?"
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
+    from internvl_chat.loading import load_model
     from internvl_chat.serve.engine import Engine
-    from internvl_chat.serve.loading import load_model
     from internvl_chat.serve.web import InProcessBackend, build_demo, launch
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

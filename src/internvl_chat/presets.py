@@ -6,7 +6,7 @@
 Adding a model is one row in `PRESETS` (plus one test row); a new tower or LLM is one row in `TOWERS` / `LLMS`.
 `tiny=True` keeps every architectural choice (tower type, select layer, projector, norms, attention layout,
 template, image mode) but shrinks widths and depths to a few million parameters, for tests, demos and CI.
-Used by `internvl-chat create` (src/internvl_chat/hub/create.py).
+Used by `internvl_chat.factories` (`internvl-chat create`, training, convert).
 """
 
 from dataclasses import dataclass, field

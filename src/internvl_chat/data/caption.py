@@ -286,7 +286,7 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ..serve.loading import load_model
+    from ..loading import load_model
 
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
     stats = caption_images(

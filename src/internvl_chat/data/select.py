@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.model:
         from accelerate import Accelerator
 
-        from ..serve.loading import load_model
+        from ..loading import load_model
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         is_main = accelerator.is_main_process

@@ -48,23 +48,13 @@ logger = logging.getLogger(__name__)
 
 
 def load_model(model_dir: str, device: str | None = None, dtype: str = "auto", attn_implementation: str = "sdpa"):
-    """Loads model + processor with ``trust_remote_code=True``; fp16 on CUDA by default (LLaVA's eval dtype),
+    """`internvl_chat.loading.load_model` with the evaluation defaults: fp16 on CUDA (LLaVA's eval dtype),
     fp32 on CPU."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from ..loading import load_model as _load
 
-    import internvl_chat  # noqa: F401  (registers the Auto classes)
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_dir, trust_remote_code=True, dtype=torch_dtype, attn_implementation=attn_implementation
+    return _load(
+        model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation, cuda_auto_dtype="float16"
     )
-    model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    return model, processor
 
 
 def build_prompt(processor, sample: Sample, template: str | None = None, system: str | None = None) -> str:

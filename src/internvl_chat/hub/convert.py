@@ -392,7 +392,7 @@ def write_model(plan: Plan, dst: Path, dtype: str = "auto", max_shard_size="5GB"
     """Writes weights, config, remote code, processor and generation config of `plan` into `dst`."""
     from transformers.dynamic_module_utils import custom_object_save
 
-    from internvl_chat.hub.create import prepare_tokenizer
+    from internvl_chat.factories import prepare_tokenizer
     from internvl_chat.modeling import InternVLChatForConditionalGeneration
     from internvl_chat.templates import get_template_spec
 

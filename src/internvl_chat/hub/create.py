@@ -5,8 +5,8 @@
     internvl-chat create --preset llavar2-llama3.1-8b --output out/llavar2 --tokenizer DIR   # full size
     internvl-chat create --preset llava-v1.5-13b --output out/x --tokenizer DIR --no-weights  # shapes only
 
-Full size builds the real shapes on the meta device first (seconds), reports the parameter counts, then
-materialises random weights in `--dtype` (bf16 by default) and saves sharded safetensors; `--no-weights` writes
+The model is built by `internvl_chat.factories.create`. Full size builds the real shapes on the meta device first
+(seconds), reports the parameter counts, then materialises random weights in `--dtype` (bf16 by default) and saves sharded safetensors; `--no-weights` writes
 config + processor only. `--tiny` keeps the architecture at a few million parameters (tests, demo, CI).
 The tokenizer gets `<image>` as a real special token and a pad token (LLaVA's rule: `unk`, else a new `<pad>`);
 the vocabulary is padded to a multiple of 64 as the originals do.
@@ -15,139 +15,9 @@ the vocabulary is padded to a multiple of 64 as the originals do.
 import argparse
 import json
 import logging
-from pathlib import Path
 
-import torch
-
-from ..presets import PRESETS, TOWERS, build_config, get_preset, input_size
-from ..templates import TEMPLATES, get_template
-
-logger = logging.getLogger(__name__)
-
-IMAGE_TOKEN = "<image>"
-
-
-def prepare_tokenizer(tokenizer_path: str, model_max_length: int):
-    """Loads the tokenizer and adds `<image>` and a pad token; returns (tokenizer, padded vocab size)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    except OSError as err:
-        raise SystemExit(
-            f"Could not load the tokenizer {tokenizer_path!r} ({err}). Pass --tokenizer with a local folder "
-            "(e.g. tests/fixtures/tokenizers/vicuna-v1.5) when the Hub is not reachable."
-        ) from err
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tokenizer.pad_token is None:
-        # LLaVA (conversation versions other than v0) pads with unk; tokenizers without unk get a new <pad>.
-        if tokenizer.unk_token is not None:
-            tokenizer.pad_token = tokenizer.unk_token
-        else:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.padding_side = "left"  # batched generation; the training collator pads on its own
-    tokenizer.model_max_length = model_max_length
-    vocab_size = (len(tokenizer) + 63) // 64 * 64
-    return tokenizer, vocab_size
-
-
-def build_processor(preset_name: str, tokenizer, image_seq_length: int, tiny: bool):
-    from ..modeling import InternVLChatImageProcessor, InternVLChatProcessor
-
-    preset = get_preset(preset_name)
-    tower = TOWERS[preset.tower]
-    size = input_size(preset, tiny)
-    image_processor = InternVLChatImageProcessor(
-        image_aspect_ratio=preset.image_mode,
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(tower["mean"]),
-        image_std=list(tower["std"]),
-    )
-    spec = TEMPLATES[preset.template]
-    return InternVLChatProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=get_template(preset.template),
-        image_token=IMAGE_TOKEN,
-        image_seq_length=image_seq_length,
-        stop_strings=list(spec.stop_strings),
-    )
-
-
-def count_parameters(model) -> dict:
-    parts = {
-        "vision_tower": model.model.vision_tower,
-        "projector": model.model.multi_modal_projector,
-        "language_model": model.model.language_model,
-        "lm_head": model.lm_head,
-    }
-    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
-    counts["total"] = sum(p.numel() for p in model.parameters())
-    return counts
-
-
-def create(
-    preset: str,
-    output: str | None,
-    tokenizer: str | None = None,
-    tiny: bool = False,
-    dtype: str = "bfloat16",
-    weights: bool = True,
-    seed: int = 0,
-):
-    """Builds (and saves when `output` is given) a random-init model + processor → (model, processor, counts)."""
-    from ..modeling import InternVLChatForConditionalGeneration
-
-    spec = get_preset(preset)
-    from ..presets import LLMS
-
-    tok, vocab_size = prepare_tokenizer(tokenizer or LLMS[spec.llm]["tokenizer"], spec.model_max_length)
-    stop_ids = [tok.convert_tokens_to_ids(s) for s in TEMPLATES[spec.template].stop_strings if s in tok.get_vocab()]
-    config = build_config(
-        preset,
-        vocab_size=vocab_size,
-        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        tiny=tiny,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=stop_ids[0] if stop_ids else tok.eos_token_id,
-    )
-    config.pad_token_id = tok.pad_token_id
-    processor = build_processor(preset, tok, config.image_seq_length, tiny)
-
-    torch.manual_seed(seed)
-    if tiny:
-        model = InternVLChatForConditionalGeneration(config)
-    else:
-        # Meta device first: the full 7B/13B shapes build in seconds and give exact parameter counts.
-        with torch.device("meta"):
-            model = InternVLChatForConditionalGeneration(config)
-    counts = count_parameters(model)
-    logger.info("preset %s%s: %s", preset, " (tiny)" if tiny else "", json.dumps(counts))
-
-    if not tiny and weights and output:
-        model = model.to_empty(device="cpu").to(getattr(torch, dtype))
-        model.init_weights()
-    elif tiny:
-        model = model.to(getattr(torch, dtype) if dtype != "float32" and not tiny else torch.float32)
-
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = stop_ids or [tok.eos_token_id]
-    model.generation_config.do_sample = False
-    if output:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        if tiny or weights:
-            model.save_pretrained(out)
-        else:
-            config.save_pretrained(out)
-            model.generation_config.save_pretrained(out)
-        processor.save_pretrained(out)
-        (out / "parameter_counts.json").write_text(json.dumps({"preset": preset, "tiny": tiny, **counts}, indent=2))
-        logger.info("wrote %s", out)
-    return model, processor, counts
+from ..factories import create
+from ..presets import PRESETS
 
 
 def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -165,7 +35,10 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _, _, counts = create(args.preset, args.output, args.tokenizer, args.tiny, args.dtype, args.weights, args.seed)
+    try:
+        _, _, counts = create(args.preset, args.output, args.tokenizer, args.tiny, args.dtype, args.weights, args.seed)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     print(json.dumps({"preset": args.preset, "tiny": args.tiny, "output": args.output, **counts}, indent=2))
     return 0
 

@@ -20,8 +20,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ..loading import ModelLoadError, add_model_args, load_model, model_kwargs
 from .engine import Engine, EngineError, SamplingParams
-from .loading import ModelLoadError, add_model_args, load_model, model_kwargs
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..loading import ModelLoadError, add_model_args, load_model, model_kwargs
 from .engine import Engine, EngineError, Overloaded, SamplingParams
-from .loading import ModelLoadError, add_model_args, load_model, model_kwargs
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import logging
 import sys
 from collections.abc import Iterator
 
+from ..loading import ModelLoadError, add_model_args, load_model, model_kwargs
 from .engine import Engine, EngineError, SamplingParams
-from .loading import ModelLoadError, add_model_args, load_model, model_kwargs
 
 logger = logging.getLogger(__name__)
 

@@ -67,36 +67,26 @@ class ModelConfig:
         return config
 
 
-def _quantization_config(bits: int, dtype):
-    from transformers import BitsAndBytesConfig
-
-    # Only the LLM is quantized (LLaVA's rule): the tower, projector and lm_head stay in `dtype`.
-    skip = ["vision_tower", "multi_modal_projector", "lm_head"]
-    if bits == 4:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_compute_dtype=dtype if isinstance(dtype, torch.dtype) else torch.bfloat16,
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_quant_type="nf4",
-            llm_int8_skip_modules=skip,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-
-
 def _from_folder(cfg: ModelConfig, freeze_vision: bool):
     from transformers import AutoConfig, AutoProcessor
 
+    from ..loading import check_remote_code, quantization_config
     from ..modeling import InternVLChatForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=True)
+    # Our model type loads with the installed classes: a folder's own Python files never run here.
+    check_remote_code(cfg.model_name_or_path, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(cfg.model_name_or_path)
     _adjust_config(config, cfg, freeze_vision)
     kwargs = {"config": config, "dtype": DTYPES[cfg.dtype]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.bits in (4, 8):
-        kwargs["quantization_config"] = _quantization_config(cfg.bits, DTYPES[cfg.dtype])
+        dtype = DTYPES[cfg.dtype]
+        kwargs["quantization_config"] = quantization_config(
+            cfg.bits, dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+        )
     model = InternVLChatForConditionalGeneration.from_pretrained(cfg.model_name_or_path, **kwargs)
-    processor = AutoProcessor.from_pretrained(cfg.model_name_or_path, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(cfg.model_name_or_path)
     return model, processor
 
 
@@ -110,7 +100,7 @@ def _adjust_config(config, cfg: ModelConfig, freeze_vision: bool):
 
 
 def _from_preset(cfg: ModelConfig, freeze_vision: bool):
-    from ..hub.create import create
+    from ..factories import create
 
     if cfg.language_model is None:
         if cfg.vision_tower is not None:
@@ -141,7 +131,7 @@ def _from_parts(cfg: ModelConfig, freeze_vision: bool):
     """Pretrained LLM + pretrained tower + new projector: the original LLaVA stage-1 start."""
     from transformers import AutoModelForCausalLM
 
-    from ..hub.create import build_processor, create, prepare_tokenizer
+    from ..factories import build_processor, create, prepare_tokenizer
     from ..modeling.modeling_internvl_chat import InternVLChatProjector
     from ..presets import get_preset
 

@@ -1,15 +1,20 @@
-"""Model options shared by `internvl-chat chat`, `serve` and `web`, and the loader behind them.
+"""The one model loader behind every verb (chat, serve, web, eval, caption, select, training's quantized load):
+dtype, device / device map, bitsandbytes quantization, an unmerged LoRA adapter on its base, and the remote-code
+policy. The command-line options for it are `add_model_args` / `model_kwargs`.
 
     internvl-chat serve --model DIR [--dtype auto|float32|bfloat16|float16] [--device cpu|cuda|cuda:1]
                         [--device-map auto] [--load-4bit | --load-8bit] [--model-base BASE]
                         [--attn-implementation sdpa|eager|flash_attention_2]
 
-    from internvl_chat.serve.loading import add_model_args, load_model
+    from internvl_chat.loading import add_model_args, load_model
     add_model_args(parser); model, processor = load_model(**model_kwargs(parser.parse_args()))
 
 * `--device-map auto` spreads the model over every visible GPU (accelerate); `--device` puts it on one device.
 * `--load-4bit` / `--load-8bit` quantize the LLM with bitsandbytes (CUDA only; the vision tower and projector
   stay in `--dtype`, as LLaVA does).
+* Remote code: our own `model_type` (`internvl_chat_llava`) always loads with the installed classes, so a folder's
+  `*.py` files never run; any other model type needs an explicit `trust_remote_code=True`
+  (`--trust-remote-code`), as transformers itself requires.
 * `--model-base BASE --model ADAPTER` serves an unmerged LoRA adapter (peft): the base checkpoint is loaded,
   the adapter applied and merged in memory (merged weights generate faster and batch the same).
 """
@@ -49,6 +54,11 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> ar
     quant.add_argument("--load-4bit", action="store_true", help="4-bit NF4 quantized LLM (bitsandbytes, CUDA)")
     quant.add_argument("--load-8bit", action="store_true", help="8-bit quantized LLM (bitsandbytes, CUDA)")
     group.add_argument("--attn-implementation", help="sdpa (default), eager or flash_attention_2")
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a model folder of another model_type to run its own Python code (ours never needs it)",
+    )
     return parser
 
 
@@ -63,35 +73,45 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         load_4bit=args.load_4bit,
         load_8bit=args.load_8bit,
         attn_implementation=args.attn_implementation,
+        trust_remote_code=args.trust_remote_code,
     )
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str, device: str, cuda_auto: str = "bfloat16") -> torch.dtype:
+    """`auto` is float32 on CPU; on CUDA `cuda_auto` (bfloat16 when supported, else float16; eval asks float16,
+    LLaVA's evaluation dtype)."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise ModelLoadError(f"Unknown --dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
         return DTYPES[dtype]
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if cuda_auto == "float16" or not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
     return torch.float32
 
 
-def _quantization_config(load_4bit: bool, load_8bit: bool, dtype: torch.dtype):
-    if not (load_4bit or load_8bit):
+def quantization_config(bits: int, dtype: torch.dtype):
+    """bitsandbytes config quantizing the LLM only (4 = NF4 with double quantization, 8 = int8); None for 16."""
+    if bits not in (4, 8):
         return None
     # [IMPORTANT] import lazily: bitsandbytes is optional and imports CUDA libraries at import time.
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError(
-            "--load-4bit / --load-8bit need bitsandbytes, which is not installed: pip install bitsandbytes "
+            "4/8-bit loading (--load-4bit / --load-8bit, recipe `bits`) needs bitsandbytes, which is not installed: "
+            "pip install bitsandbytes "
             "(CUDA GPUs only)."
         )
     if not torch.cuda.is_available():
-        raise ModelLoadError("--load-4bit / --load-8bit need a CUDA GPU (bitsandbytes); none is visible.")
+        raise ModelLoadError(
+            "4/8-bit loading (--load-4bit / --load-8bit, recipe `bits`) needs a CUDA GPU (bitsandbytes); "
+            "none is visible."
+        )
     from transformers import BitsAndBytesConfig
 
     # LLaVA's builder: quantize the LLM only; the vision tower and the projector are small and precision-sensitive.
     skip = ["vision_tower", "multi_modal_projector", "lm_head"]
-    if load_4bit:
+    if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_compute_dtype=dtype,
@@ -100,6 +120,30 @@ def _quantization_config(load_4bit: bool, load_8bit: bool, dtype: torch.dtype):
             llm_int8_skip_modules=skip,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+OUR_MODEL_TYPE = "internvl_chat_llava"
+
+
+def check_remote_code(folder: str, trust_remote_code: bool) -> None:
+    """Refuses a folder whose model type is not ours unless remote code is explicitly trusted.
+
+    Ours resolves to the installed classes (registered by `import internvl_chat`), so `auto_map` code in the folder
+    is never imported; another model type with an `auto_map` would run the folder's `configuration_*.py`.
+    """
+    import json
+
+    config_file = Path(folder) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{config_file}: cannot read the model config ({err}).") from err
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != OUR_MODEL_TYPE and not trust_remote_code and isinstance(config, dict) and "auto_map" in config:
+        raise ModelLoadError(
+            f"{folder}: model_type {model_type!r} is not {OUR_MODEL_TYPE!r} and ships its own code (auto_map); "
+            "pass --trust-remote-code if you trust that code."
+        )
 
 
 def _check_folder(path: str, what: str) -> None:
@@ -116,6 +160,8 @@ def load_model(
     load_4bit: bool = False,
     load_8bit: bool = False,
     attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    cuda_auto_dtype: str = "bfloat16",
 ):
     """Loads (model, processor) for inference (eval mode). Raises ModelLoadError with a clear message."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -125,8 +171,8 @@ def load_model(
     if load_4bit and load_8bit:
         raise ModelLoadError("Pass only one of --load-4bit and --load-8bit.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = resolve_dtype(dtype, device)
-    quantization = _quantization_config(load_4bit, load_8bit, torch_dtype)
+    torch_dtype = resolve_dtype(dtype, device, cuda_auto_dtype)
+    quantization = quantization_config(4 if load_4bit else 8 if load_8bit else 16, torch_dtype)
 
     weights_folder = model_base or model
     _check_folder(weights_folder, "--model-base" if model_base else "--model")
@@ -135,7 +181,8 @@ def load_model(
         if not (Path(model) / "adapter_config.json").is_file():
             raise ModelLoadError(f"--model {model!r} has no adapter_config.json: it is not a peft LoRA adapter.")
 
-    kwargs: dict = {"dtype": torch_dtype}
+    check_remote_code(weights_folder, trust_remote_code)
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
@@ -167,7 +214,7 @@ def load_model(
     # base model's.
     processor_folder = model if model_base and (Path(model) / "processor_config.json").is_file() else weights_folder
     try:
-        processor = AutoProcessor.from_pretrained(processor_folder)
+        processor = AutoProcessor.from_pretrained(processor_folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"Could not load the processor from {processor_folder!r}: {err}") from err
     # [IMPORTANT] batched generation needs left padding; a processor saved by a training run may say "right".
