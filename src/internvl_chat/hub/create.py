@@ -6,10 +6,9 @@
     internvl-chat create --preset llava-v1.5-13b --output out/x --tokenizer DIR --no-weights  # shapes only
 
 The model is built by `internvl_chat.factories.create`. Full size builds the real shapes on the meta device first
-(seconds), reports the parameter counts, then materialises random weights in `--dtype` (bf16 by default) and saves sharded safetensors; `--no-weights` writes
-config + processor only. `--tiny` keeps the architecture at a few million parameters (tests, demo, CI).
-The tokenizer gets `<image>` as a real special token and a pad token (LLaVA's rule: `unk`, else a new `<pad>`);
-the vocabulary is padded to a multiple of 64 as the originals do.
+(seconds), reports the parameter counts, then materialises random weights in `--dtype` (bf16 by default) and saves
+sharded safetensors; `--no-weights` writes config + processor only. `--tiny` keeps the architecture at a few million
+parameters (tests, demo, CI).
 """
 
 import argparse
