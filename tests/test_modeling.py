@@ -220,6 +220,35 @@ def test_skip_logits_loss_equals_full_logits_loss(tiny_model):
     assert torch.allclose(with_items.loss * 2, full.loss, atol=1e-6)
 
 
+def test_supervised_cross_entropy_reductions_share_the_arithmetic(tiny_model):
+    """Per-token losses, per-row sums and token stats are the default mean's terms (trainer and scorer use them)."""
+    from internvl_chat.modeling.modeling_internvl_chat import supervised_cross_entropy
+
+    ids, pixel_values = sample_inputs()
+    labels = ids.clone()
+    labels[:, :20] = -100
+    labels[1, -3:] = -100  # rows with different numbers of supervised tokens
+    with torch.no_grad():
+        hidden = tiny_model.model(input_ids=ids, pixel_values=pixel_values).last_hidden_state
+        head = tiny_model.lm_head
+        mean = supervised_cross_entropy(head, hidden, labels)
+        per_token = supervised_cross_entropy(head, hidden, labels, reduction="none", chunk_size=3)
+        rows = supervised_cross_entropy(head, hidden, labels, reduction="row_sum", chunk_size=5)
+        losses, entropy, correct = supervised_cross_entropy(head, hidden, labels, reduction="none", token_stats=True)
+        logits = head(hidden[:, :-1]).float()
+    mask = labels[:, 1:] != -100
+    expected = torch.nn.functional.cross_entropy(logits[mask], labels[:, 1:][mask], reduction="none")
+    assert per_token.shape == (int(mask.sum()),) and torch.allclose(per_token, expected, atol=1e-6)
+    assert torch.allclose(per_token.mean(), mean, atol=1e-6)
+    assert torch.allclose(rows, torch.stack([expected[: mask[0].sum()].sum(), expected[mask[0].sum() :].sum()]))
+    assert torch.equal(losses, supervised_cross_entropy(head, hidden, labels, reduction="none"))
+    log_probs = logits[mask].log_softmax(-1)
+    assert torch.allclose(entropy, -(log_probs.exp() * log_probs).sum(-1), atol=1e-5)
+    assert torch.equal(correct, logits[mask].argmax(-1) == labels[:, 1:][mask])
+    with pytest.raises(ValueError, match="reduction"):
+        supervised_cross_entropy(head, hidden, labels, reduction="sum")
+
+
 def test_frozen_tower_runs_without_autograd(tiny_model):
     tiny_model.train()
     tiny_model.model.vision_tower.requires_grad_(False)

@@ -76,25 +76,69 @@ class InternVLChatCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
 
 
-def supervised_cross_entropy(lm_head, hidden_states, labels, num_items_in_batch=None, chunk_size: int = 4096):
+SUPERVISED_REDUCTIONS = ("mean", "none", "row_sum")
+
+
+def supervised_cross_entropy(
+    lm_head,
+    hidden_states,
+    labels,
+    num_items_in_batch=None,
+    chunk_size: int = 4096,
+    reduction: str = "mean",
+    token_stats: bool = False,
+):
     """Next-token cross-entropy computed only where the shifted label is not -100, in chunks of positions.
 
-    Same value as transformers' `ForCausalLMLoss` on full logits (float32 logits, sum over supervised tokens divided
-    by `num_items_in_batch` or their count), without the (batch, seq, vocab) logits tensor.
+    hidden_states: (batch, seq, width); labels: (batch, seq), -100 = not supervised. Position j predicts label j+1.
+    reduction:
+      * "mean" (default): scalar, the same value as transformers' `ForCausalLMLoss` on full logits (float32 logits,
+        sum over supervised tokens divided by `num_items_in_batch` or their count), without the (batch, seq, vocab)
+        logits tensor;
+      * "none": float32 per-token losses (n_supervised,), in row-major order of the supervised positions
+        (`labels[:, 1:] != -100`);
+      * "row_sum": float32 per-row loss sums (batch,); divide by `(labels[:, 1:] != -100).sum(-1)` for row means.
+    token_stats=True (with reduction="none" only) returns `(losses, entropy, correct)`: per supervised token the
+    float32 loss, the predictive entropy (no gradient) and whether the greedy prediction is the label (bool).
     """
+    if reduction not in SUPERVISED_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {SUPERVISED_REDUCTIONS}, got {reduction!r}")
+    if token_stats and reduction != "none":
+        raise ValueError("token_stats=True needs reduction='none'")
     shift_labels = labels[:, 1:].to(hidden_states.device)
     mask = shift_labels != -100
     selected = hidden_states[:, :-1][mask]  # (n_supervised, width)
     targets = shift_labels[mask]
+    per_token, entropies, correct = [], [], []
     total = hidden_states.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):
-        logits = lm_head(selected[start : start + chunk_size]).float()
-        total = total + nn.functional.cross_entropy(logits, targets[start : start + chunk_size], reduction="sum")
-    if num_items_in_batch is None:
-        return total / mask.sum().clamp(min=1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        logits = lm_head(selected[start : start + chunk_size]).float()  # (chunk, vocab)
+        chunk_targets = targets[start : start + chunk_size]
+        if reduction == "mean":
+            total = total + nn.functional.cross_entropy(logits, chunk_targets, reduction="sum")
+            continue
+        per_token.append(nn.functional.cross_entropy(logits, chunk_targets, reduction="none"))
+        if token_stats:
+            with torch.no_grad():
+                log_probs = torch.log_softmax(logits, dim=-1)
+                entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+                correct.append(logits.argmax(-1) == chunk_targets)
+    if reduction == "mean":
+        if num_items_in_batch is None:
+            return total / mask.sum().clamp(min=1)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    losses = torch.cat(per_token) if per_token else hidden_states.new_zeros((0,), dtype=torch.float32)
+    if reduction == "row_sum":
+        rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+        return losses.new_zeros(mask.shape[0]).index_add(0, rows, losses)
+    if token_stats:
+        empty = losses.new_zeros((0,))
+        entropy = torch.cat(entropies) if entropies else empty
+        hits = torch.cat(correct) if correct else empty.bool()
+        return losses, entropy, hits
+    return losses
 
 
 class InternVLChatProjector(nn.Module):
