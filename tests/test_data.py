@@ -18,8 +18,9 @@ from transformers import AutoTokenizer
 
 from conftest import TOKENIZERS
 from internvl_chat.data import DataError, VisionChatDataset, convert, read_samples
-from internvl_chat.data.check import check_file, length_collator
+from internvl_chat.data.check import check_file
 from internvl_chat.data.cli import main as data_main
+from internvl_chat.data.encoding import SampleEncoder
 from internvl_chat.data.formats import read_llava_records
 
 CLEAN_RECORDS = [
@@ -298,8 +299,8 @@ def test_check_reports_every_problem(bad_dir, tmp_path):
     path = folder / "mixed.json"
     path.write_text(json.dumps(records))
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "vicuna-v1.5")
-    collator = length_collator(tokenizer, "vicuna_v1", image_seq_length=576, max_length=1500)
-    report = check_file(path, image_folder=images, collator=collator, workers=2)
+    encoder = SampleEncoder.from_tokenizer(tokenizer, "vicuna_v1", image_seq_length=576, max_length=1500)
+    report = check_file(path, image_folder=images, encoder=encoder, workers=2)
     assert report.total == len(records)
     counts = report.counts
     for kind in BAD:

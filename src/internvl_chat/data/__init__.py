@@ -1,4 +1,5 @@
-"""Training data: readers for LLaVA JSON / HF datasets / InternVL meta files, a lazy-loading torch Dataset, checks.
+"""Training data: readers for LLaVA JSON / HF datasets / InternVL meta files, a lazy-loading torch Dataset, sample
+encoding (tokens + labels, length policy), checks.
 
     from internvl_chat.data import VisionChatDataset, read_samples, convert, DataError
 
@@ -6,15 +7,18 @@
     convert("llava.json", "llava.parquet", to="parquet")
 
 `internvl-chat data check FILE --image-folder DIR` and `internvl-chat data convert IN OUT --to ...` are the CLI
-(:mod:`internvl_chat.data.cli`); the collator that turns items into batches is
-:class:`internvl_chat.training.collator.VisionChatCollator`.
+(:mod:`internvl_chat.data.cli`). :class:`~internvl_chat.data.encoding.SampleEncoder` turns one sample into
+``input_ids`` / ``labels`` (the training collator, ``data check`` and the scorer share it); batching, padding and
+packing are the training collator's (:class:`internvl_chat.training.collator.VisionChatCollator`).
 """
 
 from .dataset import SharedCounters, VisionChatDataset, load_sample_images
+from .encoding import SampleEncoder
 from .formats import DataError, convert, read_samples, validate_sample
 
 __all__ = [
     "DataError",
+    "SampleEncoder",
     "SharedCounters",
     "VisionChatDataset",
     "convert",

@@ -2,7 +2,8 @@
 
     from internvl_chat.data.check import check_file
 
-    report = check_file("llava.json", image_folder="images/", collator=collator)  # or tokenizer=..., template=...
+    report = check_file("llava.json", image_folder="images/", encoder=SampleEncoder(processor))
+    report = check_file("llava.json", encoder=SampleEncoder.from_tokenizer(tokenizer, "vicuna_v1", 576))
     print(report.format())           # issues by kind, the first examples, the length table
     report.plot("lengths.png")       # token-length histogram with the max_length line
     report.errors                    # number of samples that training would reject
@@ -10,7 +11,7 @@
 Reported (each with sample id and file): malformed records (``unknown_role``, ``empty_conversation``,
 ``no_answer``, ``image_count`` -- more or fewer ``<image>`` than images), ``missing_image`` / ``corrupt_image``
 (every image is opened and decoded, in a thread pool), ``mask`` (the template cannot build the labels), and the
-warnings ``empty_turn``. With a tokenizer, every valid sample is tokenized exactly as the collator does (template,
+warnings ``empty_turn``. With an encoder, every valid sample is tokenized exactly as training does (template,
 piecewise ``<image>`` tokenization, ``image_seq_length`` tokens per image) and the lengths go into a histogram
 table with the number of samples over ``max_length`` (``model_max_length`` by default).
 """
@@ -22,7 +23,6 @@ import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 from typing import Any
 
 from .dataset import load_sample_images
@@ -30,7 +30,7 @@ from .formats import DataError, empty_turns, read_samples
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckReport", "check_file", "length_collator"]
+__all__ = ["CheckReport", "check_file"]
 
 ERROR_KINDS = (
     "bad_record",
@@ -154,25 +154,6 @@ class CheckReport:
         }
 
 
-def length_collator(
-    tokenizer: Any, template: str, image_seq_length: int, max_length: int | None = None, image_token: str = "<image>"
-):
-    """A :class:`VisionChatCollator` for lengths only, from a bare tokenizer (``<image>`` is added if missing)."""
-    from ..training.collator import VisionChatCollator
-
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
-    shim = SimpleNamespace(
-        tokenizer=tokenizer,
-        chat_template=template,
-        image_token=image_token,
-        image_token_id=tokenizer.convert_tokens_to_ids(image_token),
-        image_seq_length=image_seq_length,
-        image_processor=None,
-    )
-    return VisionChatCollator(shim, max_length=max_length, over_length="skip")
-
-
 def _check_images(sample: dict[str, Any]) -> DataError | None:
     try:
         load_sample_images(sample)
@@ -184,14 +165,15 @@ def _check_images(sample: dict[str, Any]) -> DataError | None:
 def check_file(
     path: str | os.PathLike,
     image_folder: str | os.PathLike | None = None,
-    collator: Any = None,
+    encoder: Any = None,
     verify_images: bool = True,
     workers: int = 4,
 ) -> CheckReport:
     """Checks every record of ``path`` (any format of :func:`read_samples`); never raises on bad data.
 
     Args:
-        collator: a :class:`VisionChatCollator` (or :func:`length_collator`) for token lengths and label masks;
+        encoder: a :class:`~internvl_chat.data.encoding.SampleEncoder` (or anything with its ``encode``,
+            ``max_length`` and ``image_seq_length``, e.g. a training collator) for token lengths and label masks;
             ``None`` skips the length part. Its ``max_length`` is the over-length limit.
         verify_images: open and decode every image (``False``: only structural checks).
         workers: threads for image decoding.
@@ -204,9 +186,9 @@ def check_file(
     report.total = len(samples) + len(errors)
     for err in errors:
         report.add(err.kind, err.sample_id, err.source, err.detail)
-    if collator is not None:
-        report.max_length = collator.max_length
-        report.image_seq_length = collator.image_seq_length
+    if encoder is not None:
+        report.max_length = encoder.max_length
+        report.image_seq_length = encoder.image_seq_length
 
     bad_images: set[int] = set()
     if verify_images:
@@ -221,15 +203,15 @@ def check_file(
         sample = samples[i]
         for turn in empty_turns(sample):
             report.add("empty_turn", sample["id"], sample["source"], f"turn {turn} is empty", severity="warning")
-        if collator is None:
+        if encoder is None:
             continue
         try:
-            enc = collator.encode(sample)
+            enc = encoder.encode(sample)
         except DataError as err:
             report.add(err.kind, err.sample_id, err.source, err.detail)
             continue
         report.lengths.append(enc["length"])
-        report.image_tokens.append(enc["num_images"] * collator.image_seq_length)
+        report.image_tokens.append(enc["num_images"] * encoder.image_seq_length)
     if report.over_length:
         logger.warning("%s: %d samples exceed max_length %s", path, report.over_length, report.max_length)
     return report

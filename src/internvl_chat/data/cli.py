@@ -16,7 +16,8 @@ import json
 import logging
 import sys
 
-from .check import check_file, length_collator
+from .check import check_file
+from .encoding import SampleEncoder
 from .formats import convert
 
 
@@ -48,36 +49,37 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _collator(args):
+def _encoder(args):
     if args.model:
         from ..modeling import InternVLChatProcessor
-        from ..training.collator import VisionChatCollator
 
         processor = InternVLChatProcessor.from_pretrained(args.model)
         if args.image_seq_length:
             processor.image_seq_length = args.image_seq_length
-        return VisionChatCollator(processor, template=args.template, max_length=args.max_length, over_length="skip")
+        return SampleEncoder(processor, template=args.template, max_length=args.max_length, over_length="skip")
     if args.tokenizer:
         from transformers import AutoTokenizer
 
         if not args.template:
             raise SystemExit("--tokenizer needs --template (e.g. vicuna_v1, plain, phi3_instruct, llama3)")
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        return length_collator(tokenizer, args.template, args.image_seq_length or 576, args.max_length)
+        return SampleEncoder.from_tokenizer(
+            tokenizer, args.template, args.image_seq_length or 576, args.max_length, over_length="skip"
+        )
     return None
 
 
 def _check(args) -> int:
-    collator = _collator(args)
+    encoder = _encoder(args)
     report = check_file(
         args.file,
         image_folder=args.image_folder,
-        collator=collator,
+        encoder=encoder,
         verify_images=not args.no_images,
         workers=args.workers,
     )
     sys.stdout.write(report.format(examples=args.examples) + "\n")
-    if collator is None:
+    if encoder is None:
         sys.stdout.write("(no --model / --tokenizer: token lengths not computed)\n")
     if args.plot:
         report.plot(args.plot)

@@ -17,8 +17,8 @@ Items are ``{"id", "messages", "images": [PIL.Image RGB], "source"}`` (the norma
 image raises :class:`DataError` with the sample id and source file, or with ``on_error="skip"`` is logged, counted
 and replaced by the next good sample (the batch stays full, the order stays deterministic).
 
-The items carry no tensors: tokenization and image preprocessing happen in the collator (also in the workers), so
-the same dataset serves every template / image size.
+The items carry no tensors: tokenization (:mod:`internvl_chat.data.encoding`) and image preprocessing happen in the
+collator (also in the workers), so the same dataset serves every template / image size.
 """
 
 from __future__ import annotations
@@ -261,8 +261,10 @@ class VisionChatDataset(Dataset):
             self._compute_lengths()
         return self._modality
 
-    def drop_over_length(self, collator: Any) -> VisionChatDataset:
-        """A copy without the samples longer than ``collator.max_length`` (exact token count, images included).
+    def drop_over_length(self, encoder: Any) -> VisionChatDataset:
+        """A copy without the samples longer than ``encoder.max_length`` (exact token count, images included).
+
+        ``encoder``: a :class:`~internvl_chat.data.encoding.SampleEncoder` or the training collator (its encoder).
 
         Tokenizes every sample once (no image is opened); logs and returns the dataset with the survivors, and
         records the number dropped in ``read_stats["dropped_over_length"]``. Use with ``over_length="skip"`` when
@@ -272,11 +274,11 @@ class VisionChatDataset(Dataset):
 
         keep = []
         for i in tqdm(range(len(self.samples)), desc="measuring lengths", disable=len(self.samples) < 1000):
-            if collator.max_length is None or collator.encode(self.samples[i])["length"] <= collator.max_length:
+            if encoder.max_length is None or encoder.encode(self.samples[i])["length"] <= encoder.max_length:
                 keep.append(i)
         dropped = len(self.samples) - len(keep)
         if dropped:
-            logger.warning("dropped %d of %d samples longer than %s tokens", dropped, len(self), collator.max_length)
+            logger.warning("dropped %d of %d samples longer than %s tokens", dropped, len(self), encoder.max_length)
         out = self._subset(keep)
         out.read_stats["dropped_over_length"] += dropped
         return out

@@ -333,7 +333,7 @@ class ConditionalLossScorer:
         max_image_pixels: int | None = None,
         show_progress: bool = True,
     ):
-        from ..training.collator import VisionChatCollator
+        from .encoding import SampleEncoder as VisionChatCollator
 
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")

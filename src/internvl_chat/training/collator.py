@@ -29,17 +29,9 @@ varlen kwargs ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32, (S+1,)) and ``max_le
 that transformers' flash-attention paths read (5.17 and 5.23); eager / SDPA ignore them. Packed batches also hold
 ``use_cache=False``: with a cache, transformers does not detect the packing and lets samples see each other.
 
-Labels (reference.md §3): the tokens of the template's ``{% generation %}`` spans (each answer and its terminator),
-everything else -100, image tokens and padding always -100. Ids are exactly what ``InternVLChatProcessor``
-produces for the rendered text (piecewise tokenization around ``<image>``, see ``encode_chat(image_token=...)``).
-A sample whose mask cannot be built (no assistant turn, a span without tokens, placeholder / image count mismatch)
-raises :class:`DataError` with its id and source: samples are never silently trained on all -100 labels.
-
-Over-long samples (> ``max_length`` tokens, image tokens included) follow ``over_length``: ``"error"`` raises with
-the id; ``"skip"`` drops the sample from the batch; ``"truncate"`` cuts text tokens at the right end -- never
-inside (or before) the image tokens: a sample whose images would be cut, or which keeps no supervised token, is
-skipped. Each case is logged with the sample id and counted in :attr:`VisionChatCollator.stats` (shared with the
-DataLoader workers).
+Tokenization, labels and the over-length policy are the data layer's
+:class:`~internvl_chat.data.encoding.SampleEncoder` (``collator.encoder``; the same rules as ``data check`` and the
+scorer); this module batches, pads and packs.
 """
 
 from __future__ import annotations
@@ -51,16 +43,12 @@ import torch
 from PIL import Image
 
 from ..data.dataset import SharedCounters, load_sample_images
-from ..data.formats import DataError, count_image_blocks
-from ..templates import encode_chat
+from ..data.encoding import LENGTH_COUNTERS, OVER_LENGTH_POLICIES, SampleEncoder, sample_images
+from ..data.formats import DataError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["OVER_LENGTH_POLICIES", "VisionChatCollator"]
-
-OVER_LENGTH_POLICIES = ("error", "skip", "truncate")
-# Tokenizers without a real limit report a huge sentinel as model_max_length (int(1e30)).
-_NO_LIMIT = 10**8
 
 
 class VisionChatCollator:
@@ -94,133 +82,47 @@ class VisionChatCollator:
         template_kwargs: dict[str, Any] | None = None,
         add_special_tokens: bool | None = None,
     ):
-        if over_length not in OVER_LENGTH_POLICIES:
-            raise ValueError(f"over_length must be one of {OVER_LENGTH_POLICIES}, got {over_length!r}")
         self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.template = template if template is not None else getattr(processor, "chat_template", None)
-        if not self.template:
-            raise ValueError(
-                "VisionChatCollator needs a conversation template: pass template='vicuna_v1' (or another name) or "
-                "use a processor with a chat_template."
-            )
-        if max_length is None:
-            limit = getattr(self.tokenizer, "model_max_length", None)
-            max_length = int(limit) if limit is not None and limit < _NO_LIMIT else None
-        self.max_length = max_length
-        self.over_length = over_length
-        self.packing = packing
-        self.label_pad = label_pad
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.template_kwargs = dict(template_kwargs or {})
-        self.add_special_tokens = add_special_tokens
-        self.image_token = processor.image_token
-        self.image_token_id = processor.image_token_id
-        self.image_seq_length = processor.image_seq_length
-        pad_id = self.tokenizer.pad_token_id
-        self.pad_token_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
-        if self.pad_token_id is None:
-            raise ValueError("The tokenizer has neither a pad nor an eos token to pad with.")
-        self.stats = SharedCounters(
-            ["samples", "batches", "over_length", "truncated", "skipped_over_length", "images", "supervised_tokens"]
+        self.stats = SharedCounters(["samples", "batches", *LENGTH_COUNTERS, "images", "supervised_tokens"])
+        self.encoder = SampleEncoder(
+            processor,
+            template=template,
+            max_length=max_length,
+            over_length=over_length,
+            label_pad=label_pad,
+            template_kwargs=template_kwargs,
+            add_special_tokens=add_special_tokens,
+            stats=self.stats,
         )
+        self.packing = packing
+        self.pad_to_multiple_of = pad_to_multiple_of
 
-    # ------------------------------------------------------------------------------------------- encoding
+    # The encoder's settings, read through (one source of truth: the encoder).
+    tokenizer = property(lambda self: self.encoder.tokenizer)
+    template = property(lambda self: self.encoder.template)
+    max_length = property(lambda self: self.encoder.max_length)
+    over_length = property(lambda self: self.encoder.over_length)
+    label_pad = property(lambda self: self.encoder.label_pad)
+    pad_token_id = property(lambda self: self.encoder.pad_token_id)
+    image_seq_length = property(lambda self: self.encoder.image_seq_length)
+
     def encode(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """Tokenizes one sample (no image is opened): ``{"input_ids", "labels", "length", "num_images",
-        "image_positions"}``, before any length policy. Raises :class:`DataError` naming the sample."""
-        sid, src = sample.get("id"), sample.get("source")
-        messages = sample.get("messages")
-        if not messages:
-            raise DataError("empty conversation (no messages)", sid, src, "empty_conversation")
-        images = _images_of(sample)
-        placeholders = count_image_blocks(messages)
-        if placeholders != len(images):
-            raise DataError(
-                f"{placeholders} image placeholder(s) but {len(images)} image(s)", sid, src, kind="image_count"
-            )
-        try:
-            encoding = encode_chat(
-                self.tokenizer,
-                messages,
-                self.template,
-                add_special_tokens=self.add_special_tokens,
-                image_token=self.image_token,
-                image_seq_length=self.image_seq_length,
-                image_token_id=self.image_token_id,
-                **self.template_kwargs,
-            )
-        except Exception as err:  # jinja raise_exception (unknown role), span mapping errors...
-            kind = "unknown_role" if "unsupported role" in str(err) else "mask"
-            raise DataError(f"cannot render / tokenize: {err}", sid, src, kind=kind) from err
-        ids = encoding["input_ids"]
-        n_images = len(encoding["image_positions"]) // max(self.image_seq_length, 1)
-        if n_images != len(images):
-            # e.g. `plain` with an image in an assistant turn the template drops, or text that spells "<image>"
-            raise DataError(
-                f"the rendered text holds {n_images} {self.image_token!r} but the sample has {len(images)} image(s)",
-                sid,
-                src,
-                kind="image_count",
-            )
-        labels = [tok if m else self.label_pad for tok, m in zip(ids, encoding["assistant_masks"])]
-        if all(label == self.label_pad for label in labels):
-            raise DataError(
-                "no supervised token (no assistant answer in the rendered text); refusing to train on an all -100 "
-                "sample",
-                sid,
-                src,
-                kind="no_answer",
-            )
-        return {
-            "input_ids": ids,
-            "labels": labels,
-            "length": len(ids),
-            "num_images": n_images,
-            "image_positions": encoding["image_positions"],
-        }
-
-    def _apply_length_policy(self, sample: dict[str, Any], enc: dict[str, Any]) -> dict[str, Any] | None:
-        if self.max_length is None or enc["length"] <= self.max_length:
-            return enc
-        sid, src = sample.get("id"), sample.get("source")
-        self.stats.add("over_length")
-        what = f"{enc['length']} tokens (with {enc['num_images']}×{self.image_seq_length} image tokens) > max_length"
-        if self.over_length == "error":
-            raise DataError(
-                f"{what} {self.max_length}; use over_length='skip' or 'truncate', or raise max_length",
-                sid,
-                src,
-                kind="over_length",
-            )
-        if self.over_length == "truncate":
-            last_image = max(enc["image_positions"], default=-1)
-            labels = enc["labels"][: self.max_length]
-            # [IMPORTANT] never cut inside (or drop) image tokens: the model needs as many image tokens as features.
-            if last_image < self.max_length and any(label != self.label_pad for label in labels):
-                self.stats.add("truncated")
-                logger.warning("truncated sample %r of %s: %s %d", sid, src, what, self.max_length)
-                return {**enc, "input_ids": enc["input_ids"][: self.max_length], "labels": labels}
-            reason = "the cut would fall in the image tokens" if last_image >= self.max_length else "no answer left"
-            logger.warning("skipped sample %r of %s: %s %d and %s", sid, src, what, self.max_length, reason)
-        else:
-            logger.warning("skipped sample %r of %s: %s %d", sid, src, what, self.max_length)
-        self.stats.add("skipped_over_length")
-        return None
+        """The encoder's :meth:`~internvl_chat.data.encoding.SampleEncoder.encode` (no length policy)."""
+        return self.encoder.encode(sample)
 
     # ------------------------------------------------------------------------------------------- batching
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         encoded, images = [], []
         for sample in samples:
-            enc = self._apply_length_policy(sample, self.encode(sample))
+            enc = self.encoder.fit(sample, self.encoder.encode(sample))
             if enc is None:
                 continue
             encoded.append(enc)
-            sample_images = _images_of(sample)
-            if any(not isinstance(im, Image.Image) for im in sample_images):
+            images_of_sample = sample_images(sample)
+            if any(not isinstance(im, Image.Image) for im in images_of_sample):
                 # Paths / bytes (HF-dataset route): opened here, in the DataLoader worker; errors name the sample.
-                sample_images = load_sample_images({**sample, "images": sample_images})
-            images.extend(sample_images)
+                images_of_sample = load_sample_images({**sample, "images": images_of_sample})
+            images.extend(images_of_sample)
         if not encoded:
             ids = [s.get("id") for s in samples]
             raise DataError(
@@ -297,12 +199,3 @@ class VisionChatCollator:
         stats = self.stats.as_dict()
         logger.log(level, "collator: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
         return stats
-
-
-def _images_of(sample: dict[str, Any]) -> list[Any]:
-    images = sample.get("images")
-    if images is None:
-        images = sample.get("image")
-    if images is None:
-        return []
-    return list(images) if isinstance(images, (list, tuple)) else [images]
