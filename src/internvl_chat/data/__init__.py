@@ -12,9 +12,19 @@ encoding (tokens + labels, length policy), checks.
 packing are the training collator's (:class:`internvl_chat.training.collator.VisionChatCollator`).
 """
 
-from .dataset import SharedCounters, VisionChatDataset, load_sample_images
-from .encoding import SampleEncoder
-from .formats import DataError, convert, read_samples, validate_sample
+import importlib
+
+# name -> submodule; imported on first use, so the CLI verbs under data/ parse their arguments before torch loads
+_EXPORTS = {
+    "DataError": "formats",
+    "SampleEncoder": "encoding",
+    "SharedCounters": "dataset",
+    "VisionChatDataset": "dataset",
+    "convert": "formats",
+    "load_sample_images": "dataset",
+    "read_samples": "formats",
+    "validate_sample": "formats",
+}
 
 __all__ = [
     "DataError",
@@ -26,3 +36,9 @@ __all__ = [
     "read_samples",
     "validate_sample",
 ]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,8 +43,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .scoring import append_jsonl
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_PROMPTS", "IMAGE_EXTENSIONS", "caption_images", "collect_images", "main", "make_parser"]
@@ -186,6 +184,7 @@ def caption_images(
     from tqdm.auto import tqdm
 
     from ..modeling.image_processing_internvl_chat import DEFAULT_MAX_IMAGE_PIXELS, load_image
+    from .scoring import append_jsonl
 
     if style not in DEFAULT_PROMPTS:
         raise ValueError(f"style must be one of {sorted(DEFAULT_PROMPTS)}, got {style!r}")
@@ -224,24 +223,29 @@ def caption_images(
             )
         append_jsonl(partial, records)
         stats["captioned"] += len(records)
+        bar.update(len(batch))  # counted once generated, so the bar does not reach 100 % before the last batch
 
     batch: list[tuple[str, str, Any]] = []
-    for path in tqdm(paths, desc="captioning", unit="image", disable=not show_progress):
+    bar = tqdm(total=len(paths), desc="captioning", unit="image", disable=not show_progress)
+    for path in paths:
         try:
             key = _sha256(path)[:ID_HEX]
         except OSError as err:
             stats["unreadable"] += 1
             logger.warning("unreadable image %s: %s", path, err)
+            bar.update(1)
             continue
         if key in done:
             # [IMPORTANT] same content = same id: a renamed copy, or an image captioned by an earlier run.
             stats["duplicate"] += 1
+            bar.update(1)
             continue
         try:
             image = load_image(path, max_pixels=limit)
         except (OSError, ValueError, TypeError) as err:
             stats["unreadable"] += 1
             logger.warning("unreadable image %s: %s", path, err)
+            bar.update(1)
             continue
         done.add(key)
         batch.append((key, path, image))
@@ -250,6 +254,7 @@ def caption_images(
             batch = []
     if batch:
         flush(batch)
+    bar.close()
     if output != partial:
         # Assemble the JSON list (previous run's output + this run's lines), written atomically.
         records = previous + _read_records(partial)

@@ -16,9 +16,8 @@ import json
 import logging
 import sys
 
-from .check import check_file
-from .encoding import SampleEncoder
-from .formats import convert
+# check / encoding / formats are imported inside the commands: check pulls in torch (the image loader), and
+# `--help` should answer at once.
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -50,6 +49,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _encoder(args):
+    from .encoding import SampleEncoder
+
     if args.model:
         from ..modeling import InternVLChatProcessor
 
@@ -71,6 +72,8 @@ def _encoder(args):
 
 def _check(args) -> int:
     encoder = _encoder(args)
+    from .check import check_file
+
     report = check_file(
         args.file,
         image_folder=args.image_folder,
@@ -92,6 +95,8 @@ def _check(args) -> int:
 
 
 def _convert(args) -> int:
+    from .formats import convert
+
     n = convert(args.input, args.output, to=args.to, on_error="skip" if args.skip_bad else "raise")
     sys.stdout.write(f"wrote {n} samples to {args.output} ({args.to})\n")
     return 0

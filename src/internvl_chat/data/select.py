@@ -38,8 +38,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .formats import (
     DataError,
     detect_format,
@@ -48,13 +46,14 @@ from .formats import (
     read_samples,
     write_llava,
 )
-from .scoring import METRICS, ConditionalLossScorer, compute_metric, read_scores, sample_keys
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_selectable", "main", "make_parser", "select_indices", "write_selected"]
 
 RATIO_REASON = "ratio_gt_max"
+# The keys of scoring.METRICS, spelt out so `--help` answers without importing torch (a test keeps them equal).
+METRIC_NAMES = ("ffd", "ifd", "mifd", "vfd")
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -185,6 +184,8 @@ def write_histogram(values: list[float], path: str, metric: str, cut: float | No
         ax.axvline(max_ratio, color="tab:red", linestyle="--", label=f"drop > {max_ratio:g}")
     if cut is not None:
         ax.axvline(cut, color="tab:green", label=f"kept >= {cut:.4g}")
+    from .scoring import METRICS
+
     ax.set_xlabel(METRICS[metric].expression)
     ax.set_ylabel("samples")
     ax.set_title(f"{metric} over {len(values)} scored samples")
@@ -200,9 +201,15 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     parser = parser or argparse.ArgumentParser(prog="internvl-chat select", description=__doc__.splitlines()[0])
     parser.add_argument("data", help="LLaVA JSON/JSONL, InternVL meta JSON, datasets folder or parquet")
     parser.add_argument("--model", help="scoring model folder (optional with --scores holding every sample)")
-    parser.add_argument("--metric", required=True, choices=sorted(METRICS))
+    parser.add_argument("--metric", required=True, choices=METRIC_NAMES, help="formulas: data/scoring.py METRICS")
     how = parser.add_mutually_exclusive_group()
-    how.add_argument("--keep", type=float, help="fraction (<= 1) of the samples left after dropping, or a count (> 1)")
+    how.add_argument(
+        "--keep",
+        type=float,
+        help="Cherry-LLM's rule: samples without a score or with metric > --max-ratio are dropped first; of the n "
+        "left, the top int(n * KEEP) are kept (KEEP <= 1), or the top KEEP (KEEP > 1). E.g. 7 samples of which 2 "
+        "have metric <= 1: --keep 0.5 keeps int(2 * 0.5) = 1",
+    )
     how.add_argument("--threshold", type=float, help="keep samples whose metric is >= this value")
     parser.add_argument("--output", required=True, help="selected subset, written in the input format")
     parser.add_argument("--image-folder", help="folder that relative image paths are joined to")
@@ -234,6 +241,10 @@ def _value_stats(values: list[float]) -> dict[str, float] | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from .scoring import METRICS, ConditionalLossScorer, compute_metric, read_scores, sample_keys
+
     spec = METRICS[args.metric]
     if args.keep is None and args.threshold is None:
         raise SystemExit("pass --keep FRACTION|COUNT or --threshold T")

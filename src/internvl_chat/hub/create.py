@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 
-from ..factories import create
 from ..presets import PRESETS
 
 
@@ -34,6 +33,8 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ..factories import create  # torch + transformers: after parsing (fast --help)
+
     try:
         _, _, counts = create(args.preset, args.output, args.tokenizer, args.tiny, args.dtype, args.weights, args.seed)
     except ValueError as err:
