@@ -104,6 +104,56 @@ def test_dataset_lazy_images_and_modality_lengths(clean):
     assert dataset.lengths[0] == 13 + 128 and dataset.lengths[1] == 3
 
 
+LENGTH_RECORDS = [
+    *CLEAN_RECORDS,
+    # "<image>" glued to a word is one word for str.split(), as in the original record
+    {
+        "id": "glued",
+        "image": "b.png",
+        "conversations": [{"from": "human", "value": "<image>What?"}, {"from": "gpt", "value": "A dog ."}],
+    },
+    {"id": "tabs", "conversations": [{"from": "human", "value": " a\tb\n\nc "}, {"from": "gpt", "value": "d"}]},
+]
+
+
+def llava_lengths(records):
+    """The original LazySupervisedDataset.lengths / .modality_lengths, on the raw records."""
+    lengths, modality = [], []
+    for sample in records:
+        words = sum(len(conv["value"].split()) for conv in sample["conversations"])
+        lengths.append(words + (128 if "image" in sample else 0))
+        modality.append(words if "image" in sample else -words)
+    return lengths, modality
+
+
+def test_word_length_rule_is_llavas_for_dataset_and_trainer(clean):
+    """One rule (data.formats.modality_length) for the dataset and the trainer's HF-dataset route, equal to
+    LLaVA's on the raw records: "<image>" counts as a word, +128 in `lengths` for image samples."""
+    from internvl_chat.training.trainer import modality_lengths
+
+    path, images = clean
+    path.write_text(json.dumps(LENGTH_RECORDS))
+    lengths, modality = llava_lengths(LENGTH_RECORDS)
+    assert modality[:5] == [13, -3, 9, 6, 4]  # the rule itself, written out: img-1 .. glued
+    dataset = VisionChatDataset.from_file(path, image_folder=images)
+    assert dataset.lengths == lengths
+    assert dataset.modality_lengths == modality
+    assert modality_lengths(dataset) == modality
+    assert modality_lengths(dataset.to_hf_dataset()) == modality  # the column route (TRL's HF view)
+
+
+def test_text_only_sample_without_words_is_named_by_the_sampler(clean):
+    from internvl_chat.training.trainer import ModalityLengthGroupedSampler
+
+    path, images = clean
+    empty = {"id": "empty", "conversations": [{"from": "human", "value": " "}, {"from": "gpt", "value": ""}]}
+    path.write_text(json.dumps([*CLEAN_RECORDS, empty]))
+    dataset = VisionChatDataset.from_file(path, image_folder=images)
+    assert dataset.modality_lengths[-1] == 0 and dataset.lengths[-1] == 0  # LLaVA's value (its sampler asserts)
+    with pytest.raises(ValueError, match=r"index \[4\]"):
+        list(ModalityLengthGroupedSampler(dataset.modality_lengths, batch_size=2, world_size=1))
+
+
 def test_dataloader_workers_with_collator(clean):
     """Zero dropped samples on a clean file through a 2-worker DataLoader; counters are shared with workers."""
     from internvl_chat.factories import build_processor, prepare_tokenizer

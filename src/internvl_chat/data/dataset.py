@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .formats import ON_ERROR, DataError, read_samples
+from .formats import ON_ERROR, DataError, modality_length, read_samples, sample_images, word_length
 
 logger = logging.getLogger(__name__)
 
@@ -91,20 +91,6 @@ def load_sample_images(sample: dict[str, Any], max_image_pixels: int | None = No
         except (OSError, ValueError, TypeError) as err:  # ImageLoadError is a ValueError; truncated files OSError
             raise DataError(str(err), sample.get("id"), sample.get("source"), "corrupt_image") from err
     return images
-
-
-def _word_length(sample: dict[str, Any]) -> int:
-    # LLaVA's length proxy: whitespace-separated words of every turn; LLaVA's text still held "<image>", which
-    # counted as one word, so an image block counts as one word here.
-    n = 0
-    for message in sample["messages"]:
-        content = message.get("content")
-        if isinstance(content, str):
-            n += len(content.split())
-            continue
-        for block in content or []:
-            n += 1 if block.get("type") == "image" else len((block.get("text") or "").split())
-    return n
 
 
 class VisionChatDataset(Dataset):
@@ -237,26 +223,23 @@ class VisionChatDataset(Dataset):
     def _compute_lengths(self) -> None:
         lengths, modality = [], []
         for sample in self.samples:
-            words = _word_length(sample)
-            has_image = bool(sample.get("images"))
-            lengths.append(words + (self.image_tokens_estimate if has_image else 0))
-            # LLaVA's sampler asserts no length is 0: a text-only sample without words still counts as -1.
-            modality.append(words if has_image else -max(words, 1))
+            has_image = bool(sample_images(sample))
+            lengths.append(word_length(sample) + (self.image_tokens_estimate if has_image else 0))
+            modality.append(modality_length(sample))
         self._lengths, self._modality = lengths, modality
 
     @property
     def lengths(self) -> list[int]:
-        """LLaVA's ``lengths``: words of all turns, plus ``image_tokens_estimate`` for image samples."""
+        """LLaVA's ``lengths``: :func:`~internvl_chat.data.formats.word_length` (words of all turns, ``<image>``
+        included), plus ``image_tokens_estimate`` (LLaVA: 128) for image samples."""
         if self._lengths is None:
             self._compute_lengths()
         return self._lengths
 
     @property
     def modality_lengths(self) -> list[int]:
-        """LLaVA's ``modality_lengths`` for ``group_by_modality_length``: +words for image samples, -words else.
-
-        The sign carries the modality (LLaVA's sampler splits on ``l > 0`` / ``l < 0``), never 0.
-        """
+        """LLaVA's ``modality_lengths`` for ``group_by_modality_length``: +words for image samples, -words else
+        (:func:`~internvl_chat.data.formats.modality_length`; a text-only sample without words gives 0)."""
         if self._modality is None:
             self._compute_lengths()
         return self._modality

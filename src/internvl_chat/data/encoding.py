@@ -34,26 +34,16 @@ from typing import Any
 
 from ..templates import encode_chat
 from .dataset import SharedCounters
-from .formats import DataError, count_image_blocks
+from .formats import DataError, count_image_blocks, sample_images
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LENGTH_COUNTERS", "OVER_LENGTH_POLICIES", "SampleEncoder", "sample_images"]
+__all__ = ["LENGTH_COUNTERS", "OVER_LENGTH_POLICIES", "SampleEncoder"]
 
 OVER_LENGTH_POLICIES = ("error", "skip", "truncate")
 LENGTH_COUNTERS = ("over_length", "truncated", "skipped_over_length")
 # Tokenizers without a real limit report a huge sentinel as model_max_length (int(1e30)).
 _NO_LIMIT = 10**8
-
-
-def sample_images(sample: dict[str, Any]) -> list[Any]:
-    """A sample's image references (``images``, or a single ``image``) as a list; ``[]`` for text-only."""
-    images = sample.get("images")
-    if images is None:
-        images = sample.get("image")
-    if images is None:
-        return []
-    return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 class SampleEncoder:

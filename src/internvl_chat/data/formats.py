@@ -56,6 +56,9 @@ __all__ = [
     "count_image_blocks",
     "detect_format",
     "llava_record_to_sample",
+    "modality_length",
+    "sample_images",
+    "word_length",
     "hf_record_to_sample",
     "read_llava_records",
     "read_meta",
@@ -201,6 +204,36 @@ def count_image_blocks(messages: Iterable[dict[str, Any]]) -> int:
             elif block.get("type") == "text":
                 n += (block.get("text") or "").count(IMAGE_TOKEN)
     return n
+
+
+def sample_images(sample: dict[str, Any]) -> list[Any]:
+    """A sample's image references (``images``, or a single ``image``) as a list; ``[]`` for text-only."""
+    images = sample.get("images")
+    if images is None:
+        images = sample.get("image")
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+# ------------------------------------------------------------------------------------------------ length proxy
+def word_length(sample: dict[str, Any]) -> int:
+    """LLaVA's length proxy for ``group_by_modality_length``: ``str.split()`` words of every turn's text.
+
+    The text is the LLaVA ``value`` of each turn (image blocks written back as ``<image>`` in place, exactly as
+    the record held it), so ``"<image>\nWhat is it?"`` is 4 words and ``"<image>What"`` is 1.
+    """
+    return sum(len(_blocks_to_text(message.get("content")).split()) for message in sample["messages"])
+
+
+def modality_length(sample: dict[str, Any]) -> int:
+    """LLaVA's ``modality_lengths`` entry: :func:`word_length`, negated for a text-only sample.
+
+    The sign is the modality for LLaVA's sampler (``> 0`` image, ``< 0`` text-only); a text-only sample without a
+    word gives 0, which the sampler rejects (as LLaVA's does).
+    """
+    words = word_length(sample)
+    return words if sample_images(sample) else -words
 
 
 def _content_text(content: Any) -> str:

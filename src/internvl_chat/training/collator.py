@@ -43,8 +43,8 @@ import torch
 from PIL import Image
 
 from ..data.dataset import SharedCounters, load_sample_images
-from ..data.encoding import LENGTH_COUNTERS, OVER_LENGTH_POLICIES, SampleEncoder, sample_images
-from ..data.formats import DataError
+from ..data.encoding import LENGTH_COUNTERS, OVER_LENGTH_POLICIES, SampleEncoder
+from ..data.formats import DataError, sample_images
 
 logger = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from ..data.formats import modality_length
 from .stages import StageConfig, parameter_groups, trainable_table
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,13 @@ def modality_length_grouped_indices(lengths, batch_size: int, world_size: int, g
     megabatches go last, together. Unlike the original (which passes `generator=None` to the inner shuffles and so
     uses the global RNG), every shuffle uses `generator`, so the order is a function of the seed and the epoch.
     """
-    if any(length == 0 for length in lengths):
-        raise ValueError("modality lengths must be non-zero (positive: image sample, negative: text-only)")
+    zero = [i for i, length in enumerate(lengths) if length == 0]
+    if zero:
+        raise ValueError(
+            f"{len(zero)} sample(s) have modality length 0 (text-only without a word), e.g. dataset index "
+            f"{zero[:5]}: LLaVA's sampler needs a non-zero length (positive: image sample, negative: text-only); "
+            "drop them (`internvl-chat data check` lists empty turns)"
+        )
     if all(length > 0 for length in lengths) or all(length < 0 for length in lengths):
         return length_grouped_indices([abs(x) for x in lengths], batch_size, world_size, generator)
     mm = [(i, x) for i, x in enumerate(lengths) if x > 0]
@@ -152,7 +158,8 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
 def modality_lengths(dataset) -> list[int]:
     """Signed lengths (words of the conversation; > 0 with an image, < 0 text-only), as LLaVA's dataset gives them.
 
-    Uses the dataset's own `modality_lengths` (attribute or column `modality_length`) when it has one.
+    Uses the dataset's own `modality_lengths` (attribute or column `modality_length`) when it has one, else the
+    data layer's rule (`data.formats.modality_length`) on its `messages` / `images` columns.
     """
     own = getattr(dataset, "modality_lengths", None)
     if own is not None:
@@ -160,21 +167,13 @@ def modality_lengths(dataset) -> list[int]:
     columns = getattr(dataset, "column_names", None) or []
     if "modality_length" in columns:
         return list(dataset["modality_length"])
-    texts = dataset["messages"] if "messages" in columns else None
-    images = dataset["images"] if "images" in columns else dataset["image"] if "image" in columns else None
-    if texts is None or images is None:
+    image_column = "images" if "images" in columns else "image" if "image" in columns else None
+    if "messages" not in columns or image_column is None:
         raise ValueError("group_by_modality_length needs `messages` and `images` columns or `modality_lengths`")
-    out = []
-    for messages, imgs in zip(texts, images):
-        words = 0
-        for message in messages:
-            content = message["content"]
-            if isinstance(content, list):
-                content = " ".join(block.get("text") or "" for block in content)
-            words += len(str(content).split())
-        words = max(words, 1)
-        out.append(words if imgs else -words)
-    return out
+    return [
+        modality_length({"messages": messages, "images": images})
+        for messages, images in zip(dataset["messages"], dataset[image_column])
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
