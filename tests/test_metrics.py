@@ -131,6 +131,18 @@ def test_pope_metrics():
     assert all_no["precision"] == 0.0 and all_no["f1"] == 0.0 and all_no["yes_ratio"] == 0.0
 
 
+def test_gqa_binary_and_open():
+    rows = [
+        {"prediction": "Yes.", "answer": "yes", "structural": "verify"},
+        {"prediction": "no", "answer": "yes", "structural": "logical"},
+        {"prediction": "left", "answer": "left", "structural": "choose"},
+        {"prediction": "table", "answer": "chair", "structural": "query"},
+    ]
+    out = m.gqa_scores(rows)
+    assert out == {"accuracy": 50.0, "binary": pytest.approx(200 / 3), "open": 0.0}
+    assert m.gqa_scores([{"prediction": "a", "answer": "a"}]) == {"accuracy": 100.0, "binary": None, "open": None}
+
+
 def test_gqa_and_seed_exact_match():
     assert m.gqa_accuracy("Yes.", "yes") == 1.0
     assert m.gqa_accuracy("the table", "table") == 0.0  # no article removal in GQA
@@ -185,10 +197,16 @@ def test_mme_acc_plus_and_totals():
     assert ex["acc"] == 75.0 and ex["acc_plus"] == 50.0 and ex["score"] == 125.0
     assert out["subtasks"]["code_reasoning"]["score"] == 50.0
     assert out["perception"] == 125.0 and out["cognition"] == 50.0 and out["total"] == 175.0
+    # "Maybe" is neither yes nor no: MME's per-subtask "other" count
+    assert (
+        out["subtasks"]["code_reasoning"]["other_answers"] == 1 and out["subtasks"]["existence"]["other_answers"] == 0
+    )
+    assert out["other_answers"] == 1
 
 
 # ------------------------------------------------------------------------------------------ MMBench, Q-Bench
 CHOICES = {"A": "dog", "B": "cat", "C": "tree", "D": "car"}
+ANIMALS = {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}
 
 
 @pytest.mark.parametrize(
@@ -197,15 +215,46 @@ CHOICES = {"A": "dog", "B": "cat", "C": "tree", "D": "car"}
         ("B", "B"),
         ("The answer is C", "C"),
         ("(C) tree", "C"),
-        ("A cat is sitting there", "B"),  # "A" is an article here: option text decides
+        ("A cat is sitting there", "B"),  # "A" is far from the end: not a letter; the option text decides
         ("a tree", "C"),
         ("It is either a dog or a cat", None),  # two option texts
-        ("Cannot determine the answer", "Z"),
+        ("Cannot determine the answer", "Z"),  # refusal phrases
+        ("Z", "Z"),  # no option letter but a lone Z
+        ("Failed to obtain answer via API", None),
         ("hmm", None),
     ],
 )
 def test_mmbench_extract_vlmevalkit(answer, letter):
     assert m.mmbench_extract(answer, CHOICES) == letter
+
+
+@pytest.mark.parametrize(
+    "answer,letter",
+    [
+        # Rule 1: a lone option letter counts only among the last five tokens.
+        ("I think the option is B", "B"),
+        ("B is my choice after looking at the whole image carefully", None),
+        # Rule 2: "answer is X" (case-insensitive, optional "correct", markdown bold) when the letters do not decide.
+        ("The correct answer is **B** because the animal in the picture barks", "B"),  # B too early for rule 1
+        ("The answer is C, not D.", "C"),  # two letters
+        ("the answer is b", "B"),  # lower case
+        ("My answer is apple", "A"),  # no word boundary after the letter, as the original pattern
+        # Rule 3: option text refused when the answer is more than twice as long as all options together.
+        ("After carefully examining every region of the picture I believe it shows a dog", None),
+        ("It is a dog.", "B"),
+        # Rule 4: "A" as a possible article is refused only in verbose mode (see the next test).
+        ("The answer is A.", "A"),
+    ],
+)
+def test_mmbench_extract_current_vlmevalkit_rules(answer, letter):
+    assert m.mmbench_extract(answer, ANIMALS) == letter
+
+
+def test_mmbench_article_guard_only_in_verbose_mode():
+    assert m.mmbench_extract("The answer is A.", ANIMALS, verbose=True) is None
+    # The guard returns at once: no "answer is X" fallback, then only the option text can decide.
+    assert m.mmbench_extract("The answer is A, the cat", ANIMALS, verbose=True) == "A"
+    assert m.mmbench_extract("I think the option is B", ANIMALS, verbose=True) == "B"  # no "A" token: no guard
 
 
 def test_mmbench_extract_llava_differs():
@@ -254,14 +303,58 @@ def test_contains_match_funsd_sroie():
     assert m.contains_match("ACME", ["acme ltd"]) == 0.0
 
 
+def test_kv_field_as_laytextllm_cuts_questions():
+    assert m.kv_field("What is the company in this receipt?", "sroie") == " company "
+    assert m.kv_field('What is the content in the "DATE:" field?', "funsd") == "DATE:"
+    assert m.kv_field("Who signed?", "funsd") == "Who signed?"
+
+
+def test_kv_fscore_micro_f1():
+    rows = [
+        # doc 1: "total" right after normalisation (case, spaces, punctuation), "date" wrong
+        {"doc": "r1", "field": " total ", "answers": ["$ 12.50"], "prediction": "$12.50 total"},
+        {"doc": "r1", "field": " date ", "answers": ["01-02-2019"], "prediction": "2019"},
+        # doc 2: a prediction inside the ground truth is no false positive, but the truth is not found (FN)
+        {"doc": "r2", "field": "company", "answers": ["ACME Trading Ltd"], "prediction": "ACME"},
+    ]
+    out = m.kv_fscore(rows)
+    # TP: total (the truth is inside the prediction); yet the prediction is not inside the truth, so it is also a
+    # FP (the two directions differ, as in the original). FN: date, company. "2019" lies inside "01022019" and
+    # "acme" inside "acmetradingltd": no FP for them.
+    assert (out["tp"], out["fp"], out["fn"]) == (1, 1, 2)
+    assert out["precision"] == 0.5 and out["recall"] == pytest.approx(1 / 3) and out["f1"] == pytest.approx(0.4)
+    wrong = m.kv_fscore([{"doc": "d", "field": "k", "answers": ["abc"], "prediction": "xyz"}])
+    assert (wrong["tp"], wrong["fp"], wrong["fn"], wrong["f1"]) == (0, 1, 1, 0.0)
+
+
 # ------------------------------------------------------------------------------------------ judge parsing
 def test_mmvet_parse_and_totals():
     assert m.mmvet_parse_score("0.7") == 0.7
     assert m.mmvet_parse_score("1.0 because") == 1.0
     assert m.mmvet_parse_score("Correctness: 0.5") is None
     assert m.mmvet_parse_score("1.5") is None
+    assert m.mmvet_parse_score(" 0.5") is None  # the first space-separated token is empty
+    assert m.mmvet_parse_score(None) is None
     out = m.mmvet_scores([{"score": 1.0, "capability": ["ocr", "rec"]}, {"score": 0.5, "capability": ["rec"]}])
-    assert out["total"] == 75.0 and out["capabilities"] == {"ocr": 100.0, "rec": 75.0}
+    assert out["total"] == 75.0 and out["capabilities"] == {"rec": 75.0, "ocr": 100.0}  # most questions first
+
+
+def test_mmvet_rounding_and_capability_integration():
+    rows = [
+        {"score": 0.3, "capability": ["rec"]},
+        {"score": 0.4, "capability": ["ocr", "rec"]},
+        {"score": 0.0, "capability": ["rec"]},
+        {"score": 1.0, "capability": ["rec", "ocr"]},  # the same combination as row 2
+        {"score": 0.6, "capability": ["math", "ocr"]},
+        {"score": 0.9, "capability": ["rec"]},
+    ]
+    out = m.mmvet_scores(rows)
+    # total 3.2 / 6 = 53.333 -> 53.3; rec 2.6 / 5 = 52.0; ocr 2.0 / 3 = 66.666 -> 66.7; math 60.0
+    assert out["total"] == 53.3
+    assert list(out["capabilities"].items()) == [("rec", 52.0), ("ocr", 66.7), ("math", 60.0)]
+    # combinations by count, named in the order their first question lists them
+    assert list(out["capability_integration"].items()) == [("rec", 40.0), ("ocr_rec", 70.0), ("math_ocr", 60.0)]
+    assert out["capability_integration_counts"] == {"rec": 3, "ocr_rec": 2, "math_ocr": 1}
 
 
 def test_llava_bench_parse_and_relative_score():
@@ -269,7 +362,18 @@ def test_llava_bench_parse_and_relative_score():
     assert m.llava_bench_parse_score("8,9") == [8.0, 9.0]
     assert m.llava_bench_parse_score("8 and 9") == [-1.0, -1.0]
     out = m.llava_bench_scores([{"category": "conv", "tuple": [8, 9]}, {"category": "detail", "tuple": [10, 5]}])
-    assert out == {"all": 77.8, "conv": 112.5, "detail": 50.0}
+    assert {k: v["relative"] for k, v in out.items()} == {"all": 77.8, "conv": 112.5, "detail": 50.0}
+    assert out["all"]["reference"] == 90.0 and out["all"]["model"] == 70.0  # the absolute scores, out of 100
+
+
+def test_llava_bench_rounds_means_before_dividing():
+    # Means 5.333... and 7.0: exact division gives 131.25 -> 131.2; the official rounds 5.333 first -> 131.3.
+    rows = [{"category": "conv", "tuple": t} for t in ([5, 4], [5, 7], [6, 10])]
+    conv = m.llava_bench_scores(rows)["conv"]
+    assert conv == {"relative": 131.3, "reference": 53.3, "model": 70.0}
+    # An unparsed review's [-1, -1] enters the means, as in the original.
+    out = m.llava_bench_scores([{"category": "detail", "tuple": [8, 6]}, {"category": "detail", "tuple": [-1, -1]}])
+    assert out["detail"] == {"relative": 71.4, "reference": 35.0, "model": 25.0}
 
 
 def test_levenshtein():

@@ -1,19 +1,22 @@
 """Judge-model scoring (MM-Vet, LLaVA-Bench-in-the-Wild, MMBench answer extraction) through any OpenAI-compatible
-chat endpoint, with retries and an on-disk cache of judgements.
+chat endpoint, with the `openai` SDK's retries and an on-disk cache of judgements.
 
     export INTERNVL_JUDGE_BASE_URL=https://api.openai.com/v1      # or OPENAI_BASE_URL; our `internvl-chat serve`
-    export INTERNVL_JUDGE_MODEL=gpt-4-0613                        # the judge the papers used (MM-Vet)
+    export INTERNVL_JUDGE_MODEL=gpt-4-0613                        # optional: overrides each grader's default
     export INTERNVL_JUDGE_API_KEY=sk-...                          # or OPENAI_API_KEY; optional for local servers
     internvl-chat eval --model DIR --task mmvet --data llava-mm-vet.jsonl --image-folder images
 
     client = JudgeClient("http://127.0.0.1:8000/v1", "gpt-4-0613", cache_path="judge_cache.jsonl")
     client.chat([{"role": "user", "content": "..."}], temperature=0.0, max_tokens=3)
 
-The prompts and rules are the originals': MM-Vet's few-shot grading table (``mm-vet_evaluator.py``: max_tokens 3,
-retry with "Predict the correctness of the answer (digit): " and +0.5 temperature, 0.0 after five failures) and
-LLaVA's ``eval_gpt_review_bench.py`` with the ``llava_bench_*`` rules of ``table/rule.json`` (temperature 0.2,
-reference = GPT-4's answer as Assistant 1, the model as Assistant 2). The cache key is a hash of (model, messages,
-temperature, max_tokens), so reruns cost nothing and a changed prompt is judged again.
+The prompts and rules are the originals': MM-Vet's few-shot grading table (``mm-vet_evaluator.py``: judge
+``gpt-4-0613``, max_tokens 3, re-ask with "Predict the correctness of the answer (digit): " at temperature 0.0, 0.5,
+... 2.0, and 0.0 after five re-asks) and LLaVA's ``eval_gpt_review_bench.py`` with the ``llava_bench_*`` rules of
+``table/rule.json`` (judge ``gpt-4-0314``, temperature 0.2, reference = GPT-4's answer as Assistant 1, the model as
+Assistant 2, [-1, -1] for a review without two scores on its first line). Transport failures (connection errors,
+timeouts, 408 / 409 / 429 / 5xx) are retried by the SDK with exponential backoff, honouring ``Retry-After``; other
+4xx answers fail at once. The cache key is a hash of (model, messages, temperature, max_tokens), so reruns cost
+nothing, an interrupted run resumes where it stopped, and a changed prompt is judged again.
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ import json
 import logging
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import metrics
 
 logger = logging.getLogger(__name__)
+
+# The judge each official grader uses (recorded in the scores; INTERNVL_JUDGE_MODEL overrides).
+DEFAULT_JUDGES = {"mmvet": "gpt-4-0613", "llava_bench": "gpt-4-0314"}
+MMVET_MAX_TRIES = 5  # the evaluator gives 0.0 once its try counter passes 5 (five re-asks after the first answer)
 
 MMVET_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
 
@@ -77,8 +83,8 @@ class JudgeError(RuntimeError):
 
 
 class JudgeClient:
-    """Minimal OpenAI-compatible ``/chat/completions`` client: retries with exponential backoff on connection
-    errors, 429 and 5xx (honouring ``Retry-After``), and a JSONL cache of every answer."""
+    """OpenAI-compatible chat client (the `openai` SDK: ``max_retries`` retries with backoff, ``timeout`` per
+    request) with a JSONL cache of every answer and a count of the HTTP requests actually sent."""
 
     def __init__(
         self,
@@ -88,23 +94,27 @@ class JudgeClient:
         cache_path: str | os.PathLike | None = None,
         max_retries: int = 6,
         timeout: float = 120.0,
-        backoff: float = 1.0,
         concurrency: int = 4,
-        transport=None,
     ):
-        import httpx
+        import openai
 
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.max_retries = max_retries
-        self.backoff = backoff
         self.concurrency = concurrency
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(timeout=timeout, headers=headers, transport=transport)
         self._lock = threading.Lock()
+        self.calls = 0  # HTTP requests sent (cache misses and their retries), for tests and logs
+        http = openai.DefaultHttpxClient(event_hooks={"request": [self._count]})
+        # Local servers need no key, but the SDK insists on one.
+        self._client = openai.OpenAI(
+            base_url=self.base_url,
+            api_key=api_key or "no-key",
+            max_retries=max_retries,
+            timeout=timeout,
+            http_client=http,
+        )
         self.cache_path = Path(cache_path) if cache_path else None
-        self.cache: dict[str, str] = {}
-        self.calls = 0  # requests actually sent (cache misses), for tests and logs
+        self.cache: dict[str, dict] = {}
         if self.cache_path and self.cache_path.exists():
             with open(self.cache_path, encoding="utf-8") as f:
                 for line in f:
@@ -112,16 +122,22 @@ class JudgeClient:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut by a crash
-                    self.cache[rec["key"]] = rec["content"]
+                    self.cache[rec["key"]] = rec
+
+    def _count(self, request) -> None:
+        with self._lock:
+            self.calls += 1
 
     @classmethod
-    def from_env(cls, cache_path: str | os.PathLike | None = None, **kwargs) -> JudgeClient | None:
-        """``INTERNVL_JUDGE_BASE_URL`` (or ``OPENAI_BASE_URL``), ``INTERNVL_JUDGE_MODEL`` (default gpt-4-0613),
-        ``INTERNVL_JUDGE_API_KEY`` (or ``OPENAI_API_KEY``); ``None`` when no base URL is set."""
+    def from_env(
+        cls, cache_path: str | os.PathLike | None = None, default_model: str = "gpt-4-0613", **kwargs
+    ) -> JudgeClient | None:
+        """``INTERNVL_JUDGE_BASE_URL`` (or ``OPENAI_BASE_URL``), ``INTERNVL_JUDGE_MODEL`` (default: the grader's own
+        judge, ``default_model``), ``INTERNVL_JUDGE_API_KEY`` (or ``OPENAI_API_KEY``); ``None`` without a base URL."""
         base_url = os.environ.get("INTERNVL_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
             return None
-        model = os.environ.get("INTERNVL_JUDGE_MODEL", "gpt-4-0613")
+        model = os.environ.get("INTERNVL_JUDGE_MODEL") or default_model
         key = os.environ.get("INTERNVL_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
         return cls(base_url, model, key, cache_path=cache_path, **kwargs)
 
@@ -129,47 +145,49 @@ class JudgeClient:
         return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def chat(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 1024) -> str:
+        """The judge's answer (from the cache when this exact request was answered before)."""
+        return self.complete(messages, temperature, max_tokens)[0]
+
+    def complete(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 1024) -> tuple[str, str]:
+        """(answer, model name the endpoint reported) of one request, cached."""
         payload = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
         key = self._key(payload)
         with self._lock:
             if key in self.cache:
-                return self.cache[key]
-        content = self._post(payload)
+                rec = self.cache[key]
+                return rec["content"], rec.get("response_model") or self.model
+        content, response_model = self._post(payload)
+        rec = {"key": key, "model": self.model, "response_model": response_model, "content": content}
         with self._lock:
-            self.cache[key] = content
+            self.cache[key] = rec
             if self.cache_path:
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.cache_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "model": self.model, "content": content}, ensure_ascii=False))
-                    f.write("\n")
-        return content
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        return content, response_model
 
-    def _post(self, payload: dict) -> str:
-        import httpx
+    def _post(self, payload: dict) -> tuple[str, str]:
+        import openai
 
-        last = None
-        for attempt in range(self.max_retries + 1):
-            wait = self.backoff * 2**attempt
-            try:
-                with self._lock:
-                    self.calls += 1
-                response = self._http.post(f"{self.base_url}/chat/completions", json=payload)
-                if response.status_code == 200:
-                    return response.json()["choices"][0]["message"]["content"] or ""
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
-                if response.status_code != 429 and response.status_code < 500:
-                    raise JudgeError(f"judge refused the request ({last})")
-                retry_after = response.headers.get("retry-after")
-                if retry_after and retry_after.replace(".", "", 1).isdigit():
-                    wait = float(retry_after)
-            except (httpx.TransportError, ValueError, KeyError, IndexError) as err:
-                last = repr(err)
-            if attempt < self.max_retries:
-                logger.warning(
-                    "judge call failed (%s); retry %d/%d in %.1fs", last, attempt + 1, self.max_retries, wait
-                )
-                time.sleep(min(wait, 60.0))
-        raise JudgeError(f"judge at {self.base_url} failed after {self.max_retries + 1} attempts: {last}")
+        try:
+            response = self._client.chat.completions.create(**payload)
+        except openai.APIStatusError as err:
+            retried = err.status_code in (408, 409, 429) or err.status_code >= 500
+            detail = f"HTTP {err.status_code}: {str(err.message)[:200]}"
+            if not retried:
+                raise JudgeError(f"judge at {self.base_url} refused the request ({detail})") from err
+            raise JudgeError(
+                f"judge at {self.base_url} failed after {self.max_retries + 1} attempts ({detail})"
+            ) from err
+        except openai.APIError as err:  # connection errors and timeouts (after the retries), unreadable bodies
+            raise JudgeError(
+                f"judge at {self.base_url} failed after {self.max_retries + 1} attempts ({err!r})"
+            ) from err
+        try:
+            content = response.choices[0].message.content or ""
+        except (AttributeError, IndexError, TypeError) as err:
+            raise JudgeError(f"judge at {self.base_url} sent an answer without choices: {response!r:.200}") from err
+        return content, getattr(response, "model", None) or self.model
 
     def map(self, fn, items):
         """``fn`` over ``items`` with up to ``concurrency`` requests in flight; results in input order."""
@@ -179,39 +197,68 @@ class JudgeClient:
             return list(pool.map(fn, items))
 
 
+class JudgeItemError(JudgeError):
+    """A judge failure on one benchmark item (the message names it and says how to resume)."""
+
+
+def _item_error(client: JudgeClient, task: str, item: str, err: JudgeError) -> JudgeItemError:
+    where = f" in {client.cache_path}" if client.cache_path else ""
+    return JudgeItemError(
+        f"{task}: the judge failed on item {item} ({err}); judgements already made are cached{where}, "
+        "so rerunning the same command resumes from there"
+    )
+
+
 def mmvet_query(question: str, answer: str, prediction: str) -> str:
     """The MM-Vet grading prompt of one sample (the ground truth's <AND>/<OR> padded with spaces, as the original)."""
     gt = answer.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
     return MMVET_PROMPT + "\n" + " | ".join([question, gt, prediction, ""])
 
 
-def judge_mmvet_one(client: JudgeClient, question: str, answer: str, prediction: str) -> tuple[float, str]:
-    """MM-Vet's grading loop: parse the first token; on failure re-ask with the digit suffix at temperature
-    0, 0.5, 1.0, 1.5, 2.0; after the fifth re-ask the score is 0.0 (that last answer is not read, as in the
-    original)."""
+def judge_mmvet_one(client: JudgeClient, question: str, answer: str, prediction: str) -> dict:
+    """MM-Vet's grading loop of one sample: parse the first token; on failure re-ask with the digit suffix at
+    temperature 0.0, 0.5, 1.0, 1.5, 2.0; after the fifth re-ask the score is 0.0 (that last answer is not read).
+
+    Returns ``score``, ``content`` (as the evaluator's grade file keeps it: the parsed token, or the last raw
+    answer after a fallback), ``model`` (the endpoint's model name), ``tries`` (requests made) and ``fallback``.
+    """
     query = mmvet_query(question, answer, prediction)
-    content = client.chat([{"role": "user", "content": query}], temperature=0.0, max_tokens=3)
+    content, model = client.complete([{"role": "user", "content": query}], temperature=0.0, max_tokens=3)
     tries, temperature = 1, 0.0
     while True:
         score = metrics.mmvet_parse_score(content)
         if score is not None:
-            return score, content
-        content = client.chat(
+            token = content.split(" ")[0].strip()
+            return {"score": score, "content": token, "model": model, "tries": tries, "fallback": False}
+        content, model = client.complete(
             [{"role": "user", "content": query + MMVET_RETRY_SUFFIX}], temperature=temperature, max_tokens=3
         )
         tries += 1
         temperature += 0.5
-        if tries > 5:
-            return 0.0, content
+        if tries > MMVET_MAX_TRIES:
+            return {"score": 0.0, "content": content, "model": model, "tries": tries, "fallback": True}
 
 
 def judge_mmvet(client: JudgeClient, pairs) -> list[dict]:
-    """Scores (sample, prediction) pairs of the mmvet task → records with score, capability, judge content."""
+    """Grades (sample, prediction) pairs of the mmvet task → records with id, mmvet_id, capability and the fields
+    of `judge_mmvet_one`; a judge that keeps failing raises `JudgeItemError` naming the item."""
 
     def one(pair):
         sample, prediction = pair
-        score, content = judge_mmvet_one(client, sample.target["question"], sample.target["answer"], prediction)
-        return {"id": sample.key, "score": score, "capability": sample.target["capability"], "content": content}
+        try:
+            graded = judge_mmvet_one(client, sample.target["question"], sample.target["answer"], prediction)
+        except JudgeError as err:
+            raise _item_error(client, "mmvet", sample.meta.get("mmvet_id", sample.key), err) from err
+        if graded["fallback"]:
+            logger.warning(
+                "mmvet %s: no score after %d tries; counted 0.0", sample.meta.get("mmvet_id"), graded["tries"]
+            )
+        return {
+            "id": sample.key,
+            "mmvet_id": sample.meta.get("mmvet_id", sample.key),
+            "capability": sample.target["capability"],
+            **graded,
+        }
 
     return client.map(one, list(pairs))
 
@@ -233,15 +280,23 @@ def llava_bench_content(caption: str | list, question: str, reference: str, answ
 
 
 def judge_llava_bench(client: JudgeClient, pairs) -> list[dict]:
-    """Reviews (sample, prediction) pairs of llava_bench → records with category, tuple [reference, model]."""
+    """Reviews (sample, prediction) pairs of llava_bench → records with id, category, ``tuple`` [reference, model]
+    and the review ``content``; a judge that keeps failing raises `JudgeItemError` naming the item."""
 
     def one(pair):
         sample, prediction = pair
         t = sample.target
         content = llava_bench_content(t["caption"], t["question"], t["reference"], prediction, sample.meta["category"])
         messages = [{"role": "system", "content": LLAVA_BENCH_SYSTEM}, {"role": "user", "content": content}]
-        review = client.chat(messages, temperature=0.2, max_tokens=1024)
+        try:
+            review = client.chat(messages, temperature=0.2, max_tokens=1024)
+        except JudgeError as err:
+            raise _item_error(client, "llava_bench", f"question_id {sample.id}", err) from err
         scores = metrics.llava_bench_parse_score(review)
+        if scores == [-1.0, -1.0]:
+            logger.warning(
+                "llava_bench question %s: no two scores on the review's first line; counted [-1, -1]", sample.id
+            )
         return {"id": sample.key, "category": sample.meta["category"], "tuple": scores, "content": review}
 
     return client.map(one, list(pairs))

@@ -10,13 +10,16 @@ Sources (read for the rules, re-implemented here):
 
 * VQA normalisation / accuracy: LLaVA's ``llava/eval/m4c_evaluator.py`` (``EvalAIAnswerProcessor`` +
   ``TextVQAAccuracyEvaluator``), used by LLaVA for TextVQA and for the VQAv2 / VizWiz submission files.
-* POPE: LLaVA's ``eval_pope.py``. GQA: ``scripts/convert_gqa_for_eval.py`` + GQA's ``eval.py`` (exact match).
+* POPE: LLaVA's ``eval_pope.py``. GQA: ``scripts/convert_gqa_for_eval.py`` + GQA's ``eval.py`` (exact match;
+  binary / open by structural type).
 * ScienceQA: LLaVA-1.5's ``eval_science_qa.py``. SEED: ``scripts/convert_seed_for_submission.py``.
 * MME: the MME ``eval_tool/calculation.py``. MMBench: VLMEvalKit / MMBench ``can_infer`` + circular grouping;
   LLaVA's ``eval_mmbench.py`` parser as the alternative.
 * ANLS: the DocVQA / RRC evaluation script. ChartQA: pix2struct's ``relaxed_correctness``.
-* OCRBench, FUNSD, SROIE: the MultimodalOCR / OCRBench ``eval`` script (case-insensitive containment).
-* MM-Vet / LLaVA-Bench judge-output parsing: the MM-Vet evaluator and LLaVA's ``eval_gpt_review_bench.py``.
+* OCRBench, FUNSD, SROIE: the MultimodalOCR / OCRBench ``eval`` script (case-insensitive containment); FUNSD /
+  SROIE also LayTextLLM's ``evalFscore`` (key-value micro-F1, the LLaVAR-2 / LayTextLLM convention).
+* MM-Vet / LLaVA-Bench judge outputs and tables: the MM-Vet evaluator (``mm-vet_evaluator.py``) and LLaVA's
+  ``eval_gpt_review_bench.py`` + ``summarize_gpt_review.py``.
 
 Where implementations disagree, the default follows the script that produced the published number and the other
 is a keyword option (see each function's docstring and ``DISAGREEMENTS``).
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = [
@@ -35,6 +38,9 @@ __all__ = [
     "chartqa_score",
     "contains_match",
     "gqa_accuracy",
+    "gqa_scores",
+    "kv_field",
+    "kv_fscore",
     "gqa_normalize",
     "levenshtein",
     "llava_bench_parse_score",
@@ -77,7 +83,8 @@ DISAGREEMENTS = {
         "random option, seeded here)."
     ),
     "mmbench_extract": (
-        "method='vlmevalkit' (default; MMBench / VLMEvalKit can_infer: option letter, then option text) vs "
+        "method='vlmevalkit' (default; current VLMEvalKit can_infer: option letter among the last tokens or "
+        "'answer is X', then option text; option verbose=true adds its VERBOSE-mode article guard) vs "
         "method='llava' (LLaVA's eval_mmbench auto_parse_answer); both fall back to a judge model only when one "
         "is configured, otherwise the answer counts wrong."
     ),
@@ -87,7 +94,8 @@ DISAGREEMENTS = {
     ),
     "ocr_vqa_family": (
         "ST-VQA / DocVQA / InfoVQA default to ANLS (their official metric); metric='contains' gives the "
-        "MultimodalOCR containment accuracy that LLaVAR-style OCR tables use; FUNSD / SROIE always use it."
+        "MultimodalOCR containment accuracy that LLaVAR-style OCR tables use; FUNSD / SROIE default to it, and "
+        "metric='fscore' gives LayTextLLM's key-value micro-F1 (evalFscore)."
     ),
 }
 
@@ -358,6 +366,19 @@ def gqa_accuracy(prediction: str, answer: str) -> float:
     return float(gqa_normalize(prediction) == answer)
 
 
+def gqa_scores(records: Iterable[Mapping]) -> dict:
+    """GQA eval.py accuracies from records with ``prediction``, ``answer`` and ``structural`` (the question's
+    ``types.structural``): ``accuracy``, and ``binary`` / ``open`` (open = structural type "query", binary = every
+    other type: verify, logical, choose, compare), x100; a breakdown is ``None`` when it has no question."""
+    scores: dict[str, list[float]] = {"accuracy": [], "binary": [], "open": []}
+    for r in records:
+        score = gqa_accuracy(r["prediction"], r["answer"])
+        scores["accuracy"].append(score)
+        if r.get("structural") is not None:
+            scores["open" if r["structural"] == "query" else "binary"].append(score)
+    return {k: (100 * sum(v) / len(v) if v else None) for k, v in scores.items()}
+
+
 def seed_correct(prediction: str, answer: str) -> float:
     """LLaVA's convert_seed_for_submission: the generated text must equal the answer letter exactly ("A.": wrong)."""
     return float(prediction == answer)
@@ -425,22 +446,31 @@ def mme_scores(records: Iterable[Mapping]) -> dict:
     """MME scores from records with ``category``, ``image``, ``label`` ("Yes"/"No") and ``prediction``.
 
     Per subtask: acc (share of questions right) and acc+ (share of images with all their questions right), both
-    x100, score = acc + acc+. Totals: ``perception`` (10 subtasks, max 2000, the number LLaVA reports as MME),
-    ``cognition`` (4 subtasks, max 800), ``total``.
+    x100, score = acc + acc+, and ``other_answers`` (answers read as neither yes nor no: the calculation script's
+    per-subtask "other" count). Totals: ``perception`` (10 subtasks, max 2000, the number LLaVA reports as MME),
+    ``cognition`` (4 subtasks, max 800), ``total``, ``other_answers``.
     """
     by_task: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    other: dict[str, int] = defaultdict(int)
     for r in records:
-        right = mme_parse(r["prediction"]) == str(r["label"]).lower()
-        by_task[r["category"]][str(r["image"])].append(right)
+        parsed = mme_parse(r["prediction"])
+        by_task[r["category"]][str(r["image"])].append(parsed == str(r["label"]).lower())
+        other[r["category"]] += parsed == "other"
     subtasks = {}
     for task, images in by_task.items():
         answers = [x for qs in images.values() for x in qs]
         acc = 100 * sum(answers) / len(answers)
         acc_plus = 100 * sum(all(qs) for qs in images.values()) / len(images)
-        subtasks[task] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
+        subtasks[task] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus, "other_answers": other[task]}
     perception = sum(v["score"] for k, v in subtasks.items() if k in MME_PERCEPTION)
     cognition = sum(v["score"] for k, v in subtasks.items() if k in MME_COGNITION)
-    return {"perception": perception, "cognition": cognition, "total": perception + cognition, "subtasks": subtasks}
+    return {
+        "perception": perception,
+        "cognition": cognition,
+        "total": perception + cognition,
+        "other_answers": sum(other.values()),
+        "subtasks": subtasks,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,7 +485,13 @@ _MMBENCH_REFUSALS = (
 )
 
 
-def _can_infer_option(answer: str, choices: Mapping[str, str]) -> str | bool:
+# VLMEvalKit's pattern for verbose answers ("The correct answer is **B**.", "the answer is c"): case-insensitive,
+# optional "correct" and markdown bold, no word boundary after the letter (so "answer is apple" reads as A).
+_VERBOSE_ANSWER_RE = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
+def _can_infer_option(answer: str, choices: Mapping[str, str], verbose: bool = False) -> str | bool:
+    """VLMEvalKit ``can_infer_option``, rule for rule."""
     if "Failed to obtain answer via API" in answer:
         return False
     for refusal in _MMBENCH_REFUSALS:
@@ -468,27 +504,37 @@ def _can_infer_option(answer: str, choices: Mapping[str, str]) -> str | bool:
     count = sum(1 for c in choices if c in splits)
     if count == 1:
         for c in choices:
-            # [IMPORTANT] "A" in a longer answer may be the article ("A cat sits..."): MMBench refuses to guess.
-            if "A" in splits and len(splits) > 3:
+            # [IMPORTANT] "A" in a longer answer may be the article ("A cat sits..."): only VLMEvalKit's verbose mode
+            # refuses to guess (and then returns at once, skipping the "answer is X" fallback).
+            if verbose and "A" in splits and len(splits) > 3:
                 return False
-            if c in splits:
+            # [IMPORTANT] the letter counts only among the last five tokens (its first occurrence, as list.index).
+            if c in splits and splits.index(c) > len(splits) - 5:
                 return c
-    elif count == 0 and ("Z" in splits or "" in splits):
+    elif count == 0 and "Z" in splits:
         return "Z"
+    match = _VERBOSE_ANSWER_RE.search(answer)
+    if match and match.group(1).upper() in choices:
+        return match.group(1).upper()
     return False
 
 
 def _can_infer_text(answer: str, choices: Mapping[str, str]) -> str | bool:
+    """VLMEvalKit ``can_infer_text``: refused when the answer is more than twice as long as all option texts
+    together; else the one option whose (lower-cased) text the answer contains."""
     answer = answer.lower()
+    if len(answer) > 2 * sum(len(str(v)) for v in choices.values()):
+        return False
     candidates = [k for k, v in choices.items() if str(v).lower() in answer]
     return candidates[0] if len(candidates) == 1 else False
 
 
-def mcq_extract(answer: str, choices: Mapping[str, str]) -> str | None:
-    """MMBench / VLMEvalKit ``can_infer``: a lone option letter in the answer, else a lone option text contained in
-    it; "Z" for refusals; ``None`` when nothing can be inferred."""
+def mcq_extract(answer: str, choices: Mapping[str, str], verbose: bool = False) -> str | None:
+    """VLMEvalKit ``can_infer``: an option letter among the last tokens of the answer (or "answer is X"), else a
+    lone option text contained in a not-much-longer answer; "Z" for refusals; ``None`` when nothing can be
+    inferred. ``verbose`` = VLMEvalKit's ``VERBOSE`` environment mode (adds the "A may be an article" guard)."""
     answer = str(answer)
-    found = _can_infer_option(answer, choices) or _can_infer_text(answer, choices)
+    found = _can_infer_option(answer, choices, verbose) or _can_infer_text(answer, choices)
     return found or None
 
 
@@ -504,15 +550,17 @@ def _llava_auto_parse(answer: str, choices: Mapping[str, str]) -> str | None:
     return matched[0] if len(matched) == 1 else None
 
 
-def mmbench_extract(answer: str, choices: Mapping[str, str], method: str = "vlmevalkit") -> str | None:
+def mmbench_extract(
+    answer: str, choices: Mapping[str, str], method: str = "vlmevalkit", verbose: bool = False
+) -> str | None:
     """The option letter an MMBench answer picks, or ``None`` (then a judge model may be asked, else wrong).
 
     ``method="vlmevalkit"`` (default): :func:`mcq_extract`, what the MMBench server / VLMEvalKit run before their
-    ChatGPT fallback. ``method="llava"``: LLaVA's ``auto_parse_answer`` (bare letter, "The answer is X.", or the
-    answer contained in exactly one option).
+    ChatGPT fallback (``verbose``: its VERBOSE mode). ``method="llava"``: LLaVA's ``auto_parse_answer`` (bare
+    letter, "The answer is X.", or the answer contained in exactly one option).
     """
     if method == "vlmevalkit":
-        return mcq_extract(answer, choices)
+        return mcq_extract(answer, choices, verbose)
     if method == "llava":
         return _llava_auto_parse(answer, choices)
     raise ValueError(f"method must be 'vlmevalkit' or 'llava', got {method!r}")
@@ -588,6 +636,51 @@ def contains_match(prediction: str, answers: Sequence[str] | str) -> float:
     return float(ocrbench_match(prediction, answers))
 
 
+# LayTextLLM's normalisation of key-value answers: lower-case; drop spaces, brackets, periods, commas, newlines, -.
+_KV_STRIP = str.maketrans("", "", " ().,\n-")
+
+
+def kv_field(question: str, dataset: str) -> str:
+    """The field a key-value question asks about, as LayTextLLM's eval_fscore cuts it from the prompt (SROIE:
+    between "What is the" and "in this receipt?"; FUNSD: between "content in the " and " field?", quotes
+    stripped); questions of another shape are their own field."""
+    if dataset == "sroie" and "What is the" in question:
+        return question.split("What is the")[-1].split("in this receipt?")[0]
+    if dataset == "funsd" and "content in the " in question:
+        return question.split("content in the ")[-1].split(" field?")[0].strip('"')
+    return question
+
+
+def kv_fscore(records: Iterable[Mapping]) -> dict:
+    """LayTextLLM's ``evalFscore`` (the LLaVAR-2 / LayTextLLM FUNSD and SROIE convention): entity-level micro
+    precision / recall / F1 over (document, field) groups, from records with ``doc``, ``field``, ``answers`` (list)
+    and ``prediction``.
+
+    Values are normalised (``_KV_STRIP``) and deduplicated per (document, field). A ground-truth value is a true
+    positive when it is contained in a predicted value of its field (else a false negative); a predicted value is a
+    false positive when it is contained in no ground-truth value of its field (the two containment directions
+    differ, as in the original). Fields are the stripped names; only fields with ground truth count.
+    """
+    gts: dict = defaultdict(lambda: defaultdict(list))
+    preds: dict = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        gts[r["doc"]][r["field"]].extend(r["answers"])
+        preds[r["doc"]][r["field"]].append(r["prediction"])
+    tp = fp = fn = 0
+    for doc, fields in gts.items():
+        gt_set = {k.strip(): {v.lower().translate(_KV_STRIP) for v in vs} for k, vs in fields.items()}
+        pred_set = {k.strip(): {v.lower().translate(_KV_STRIP) for v in vs} for k, vs in preds[doc].items()}
+        for label, gt_values in gt_set.items():
+            predicted = pred_set.get(label, set())
+            tp += sum(1 for g in gt_values if any(g in p for p in predicted))
+            fp += sum(1 for p in predicted if all(p not in g for g in gt_values))
+            fn += sum(1 for g in gt_values if all(g not in p for p in predicted))
+    precision = tp / (tp + fp) if tp + fp > 0 else 0.0
+    recall = tp / (tp + fn) if tp + fn > 0 else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+
 def ocrbench_scores(records: Iterable[Mapping]) -> dict:
     """OCRBench totals from records with ``type`` (category), ``dataset_name``, ``answers``, ``prediction``:
     per-category counts, ``text_recognition`` (the six recognition categories) and ``final`` (out of 1000)."""
@@ -605,24 +698,68 @@ def ocrbench_scores(records: Iterable[Mapping]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def mmvet_parse_score(content: str) -> float | None:
-    """MM-Vet evaluator: the first space-separated token as a float in [0, 1], else ``None`` (retry)."""
+def mmvet_parse_score(content) -> float | None:
+    """MM-Vet evaluator: the first space-separated token as a float, rejected (``None``: ask again) when it does not
+    parse or lies above 1.0 / below 0.0 (so, as there, "nan" is accepted)."""
     try:
         score = float(content.split(" ")[0].strip())
-    except (ValueError, IndexError):
+    except Exception:  # noqa: BLE001 -- the evaluator's bare except: None content, no token, not a number
         return None
-    return score if 0.0 <= score <= 1.0 else None
+    return None if score > 1.0 or score < 0.0 else score
 
 
-def mmvet_scores(records: Iterable[Mapping]) -> dict:
-    """MM-Vet totals from records with ``score`` (0-1) and ``capability`` (list): total and per capability, x100."""
+def _round(value: float, decimals: int) -> float:
+    """``round()`` of a numpy float64, as the MM-Vet evaluator rounds (numpy's rounding, not Python's)."""
+    import numpy as np
+
+    return float(round(np.float64(value), decimals))
+
+
+def mmvet_scores(records: Iterable[Mapping], decimals: int = 1) -> dict:
+    """The MM-Vet evaluator's tables (one run) from records with ``score`` (0-1) and ``capability`` (list), in
+    question-file order, rounded to ``decimals`` (1, the evaluator's default).
+
+    ``total`` and ``capabilities`` (sum of scores / questions with the capability x100; columns by question count,
+    most first), and ``capability_integration``: the same per combination of capabilities (named by joining the
+    capabilities with "_", in the order the first question with that combination lists them; the evaluator joins a
+    Python set, whose order varies between runs), ordered by question count as the evaluator's ``np.argsort``.
+    """
+    import numpy as np
+
     records = list(records)
-    per: dict = defaultdict(list)
+    counter: Counter = Counter()
+    combos: list[set] = []
+    combo_names: list[str] = []
+    combo_counts: list[int] = []
     for r in records:
-        for cap in set(r.get("capability") or []):
-            per[cap].append(r["score"])
-    total = 100 * sum(r["score"] for r in records) / len(records) if records else 0.0
-    return {"total": total, "capabilities": {k: 100 * sum(v) / len(v) for k, v in sorted(per.items())}}
+        caps = list(dict.fromkeys(r.get("capability") or []))
+        counter.update(caps)
+        if set(caps) not in combos:
+            combos.append(set(caps))
+            combo_names.append("_".join(caps))
+            combo_counts.append(1)
+        else:
+            combo_counts[combos.index(set(caps))] += 1
+    cap_sums = dict.fromkeys(counter, 0.0)
+    combo_sums = [0.0] * len(combos)
+    total = 0.0
+    for r in records:
+        caps = set(r.get("capability") or [])
+        for c in caps:
+            cap_sums[c] += r["score"]
+        combo_sums[combos.index(caps)] += r["score"]
+        total += r["score"]
+    n = len(records)
+    order = np.argsort(-np.array(combo_counts)) if combos else []
+    return {
+        "total": _round(total / n * 100, decimals) if n else 0.0,
+        "capabilities": {c: _round(cap_sums[c] / k * 100, decimals) for c, k in counter.most_common()},
+        "capability_integration": {
+            combo_names[i]: _round(combo_sums[i] / combo_counts[i] * 100, decimals) for i in order
+        },
+        "capability_counts": dict(counter.most_common()),
+        "capability_integration_counts": {combo_names[i]: combo_counts[i] for i in order},
+    }
 
 
 def llava_bench_parse_score(review: str) -> list[float]:
@@ -632,21 +769,31 @@ def llava_bench_parse_score(review: str) -> list[float]:
         parts = review.split("\n")[0].replace(",", " ").split(" ")
         if len(parts) == 2:
             return [float(parts[0]), float(parts[1])]
-    except ValueError:
+    except (ValueError, AttributeError):
         pass
     return [-1.0, -1.0]
 
 
 def llava_bench_scores(records: Iterable[Mapping]) -> dict:
-    """LLaVA's summarize_gpt_review: per category (and "all") mean(model score) / mean(reference score) x 100,
-    with ``tuple`` = [reference, model] per record (unparsed [-1, -1] tuples included, as the original does)."""
+    """LLaVA's summarize_gpt_review per category and "all", from records with ``category`` and ``tuple`` =
+    [reference score, model score] (unparsed [-1, -1] tuples included, as the original does).
+
+    As the original: the numpy mean of each column is rounded to 3 decimals *before* the relative score
+    ``round(model / reference * 100, 1)``; the absolute scores it prints are ``round(mean * 10, 1)`` (out of 100).
+    Returns {category: {"relative", "reference", "model"}}.
+    """
+    import numpy as np
+
     per: dict = defaultdict(list)
     for r in records:
         per[r["category"]].append(r["tuple"])
         per["all"].append(r["tuple"])
     out = {}
     for k, tuples in sorted(per.items()):
-        ref = sum(t[0] for t in tuples) / len(tuples)
-        ours = sum(t[1] for t in tuples) / len(tuples)
-        out[k] = round(ours / ref * 100, 1) if ref else 0.0
+        ref, ours = (round(x, 3) for x in np.asarray(tuples, dtype=float).mean(0).tolist())
+        out[k] = {
+            "relative": round(ours / ref * 100, 1) if ref else None,
+            "reference": round(ref * 10, 1),
+            "model": round(ours * 10, 1),
+        }
     return out

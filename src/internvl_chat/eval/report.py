@@ -5,7 +5,9 @@
 
 ``scores.json`` = {"model": ..., "reference": ..., "tasks": {task: {"main": value, "metric": ..., ...}}}; each
 `internvl-chat eval` run merges its task in. ``report.md`` holds one row per task (our main number, the seed's
-published number with ``--compare seed``, the difference) and ``scores.png`` the bar chart (MME on /20 and OCRBench
+published number with ``--compare seed``, the difference), then per task the breakdowns the official scripts print
+(GQA binary / open, MME answers neither yes nor no, LLaVA-Bench absolute scores, MM-Vet capability tables, judge
+fallbacks, which convention a FUNSD / SROIE score follows); ``scores.png`` is the bar chart (MME on /20 and OCRBench
 on /10 so every bar is on a 0-100 scale; labels show the raw numbers).
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# Published numbers of the seeds (reference.md section 1), keyed by preset name and task reference key.
+# Published numbers of the seed models (their papers / model cards), keyed by preset name and task reference key.
 _LLAVA_KEYS = ("vqav2", "gqa", "vizwiz", "scienceqa", "textvqa", "pope", "mme", "mmbench", "mmbench_cn", "mmvet")
 SEED_SCORES: dict[str, dict[str, float]] = {
     "llava-v1.5-7b": dict(zip(_LLAVA_KEYS, (78.5, 62.0, 50.0, 66.8, 58.2, 85.9, 1510.7, 64.3, 58.3, 30.5))),
@@ -89,6 +91,43 @@ def markdown_table(doc: dict, compare: str | None = None, reference: str | None 
     return "\n".join(lines) + "\n"
 
 
+def _table(rows: dict, head: str) -> list[str]:
+    return [f"| {head} | score |", "| --- | ---: |", *(f"| {k} | {_fmt(v)} |" for k, v in rows.items())]
+
+
+def task_details(task: str, result: dict) -> list[str]:
+    """Markdown lines of one task's breakdowns (empty when it has none)."""
+    lines = []
+    if result.get("judge_model"):
+        lines.append(f"- judge: `{result['judge_model']}`")
+    if "binary" in result or "open" in result:
+        lines.append(f"- binary: {_fmt(result.get('binary'))}, open: {_fmt(result.get('open'))} (GQA eval.py)")
+    if "other_answers" in result:
+        per = ", ".join(f"{k} {v['other_answers']}" for k, v in sorted(result.get("subtasks", {}).items()))
+        lines.append(f"- answers neither yes nor no: {result['other_answers']} ({per})")
+    if "conventions" in result:
+        lines.append(f"- containment accuracy: {_fmt(result['contains'])} ({result['conventions']['contains']})")
+        fs = result["fscore"]
+        lines.append(
+            f"- key-value micro-F1: {_fmt(fs['f1'])} (precision {_fmt(fs['precision'])}, recall "
+            f"{_fmt(fs['recall'])}; {result['conventions']['fscore']})"
+        )
+    if "absolute" in result:
+        lines += ["", "| category | relative | reference (/100) | model (/100) |", "| --- | ---: | ---: | ---: |"]
+        for k, v in result["absolute"].items():
+            rel = result["categories"].get(k)
+            lines.append(f"| {k} | {_fmt(rel)} | {_fmt(v['reference'])} | {_fmt(v['model'])} |")
+        lines += ["", f"- reviews without two scores (counted [-1, -1]): {result.get('judge_unparsed', 0)}"]
+    if "capability_integration" in result:
+        lines += ["", *_table(result["capabilities"], "capability")]
+        lines += ["", *_table(result["capability_integration"], "capability integration"), ""]
+        lines.append(
+            f"- items scored 0.0 after five re-asks without a readable score: {result.get('judge_fallbacks', 0)}"
+            + (f" ({', '.join(result['judge_fallback_items'])})" if result.get("judge_fallback_items") else "")
+        )
+    return [f"### {task}", "", *lines, ""] if lines else []
+
+
 def bar_chart(doc: dict, path: str | os.PathLike, compare: str | None = None, reference: str | None = None) -> str:
     """Horizontal bars of the main scores (and the seed's, side by side, with ``compare="seed"``)."""
     import matplotlib
@@ -129,7 +168,11 @@ def write_report(output: str | os.PathLike, compare: str | None = None, referenc
     doc = json.loads((output / "scores.json").read_text())
     reference = reference or doc.get("reference")
     table = markdown_table(doc, compare, reference)
-    (output / "report.md").write_text(f"# Evaluation of {doc.get('model') or 'model'}\n\n{table}")
+    details = [line for task, result in sorted(doc.get("tasks", {}).items()) for line in task_details(task, result)]
+    text = f"# Evaluation of {doc.get('model') or 'model'}\n\n{table}"
+    if details:
+        text += "\n## Details\n\n" + "\n".join(details)
+    (output / "report.md").write_text(text)
     png = bar_chart(doc, output / "scores.png", compare, reference)
     return {"markdown": str(output / "report.md"), "chart": png, "table": table}
 

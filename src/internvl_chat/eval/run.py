@@ -61,6 +61,7 @@ def evaluate(
     compare: str | None = None,
     reference: str | None = None,
     fast_decode: bool = False,
+    trust_remote_code: bool = False,
     model=None,
     processor=None,
     judge=None,
@@ -91,7 +92,7 @@ def evaluate(
                 raise SystemExit("--model is needed: some questions have no prediction yet")
             from .runner import load_model
 
-            model, processor = load_model(model_dir, device=device, dtype=dtype)
+            model, processor = load_model(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         start = time.perf_counter()
         _, stats = generate_predictions(
             model,
@@ -114,8 +115,11 @@ def evaluate(
     if task.judged and judge is None:
         from .judge import JudgeClient
 
-        judge = JudgeClient.from_env(cache_path=task_dir / "judge_cache.jsonl")
+        judge = JudgeClient.from_env(
+            cache_path=task_dir / "judge_cache.jsonl", default_model=task.judge_model or "gpt-4-0613"
+        )
     ctx.judge = judge
+    ctx.answers = store.records
     result = task.score(samples, preds, ctx)
     if task.submission is not None:
         try:
@@ -153,6 +157,11 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
         action="store_true",
         help="greedy decoding with the static-cache, compiled FastGreedyDecoder instead of model.generate",
     )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a model folder of another model type to run its own code (ours never needs it)",
+    )
     parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     parser.add_argument("--compare", choices=["seed"], help="report the seeds' published numbers beside ours")
@@ -161,16 +170,8 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     return parser
 
 
-def main(argv=None) -> int:
-    args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.list_tasks:
-        for task in TASKS.values():
-            print(f"{task.name:<16} {task.family:<8} {task.description}")
-        return 0
-    if not args.task or not args.data:
-        raise SystemExit("--task and --data are required (see --list-tasks)")
-    result = evaluate(
+def _evaluate_args(args) -> dict:
+    return evaluate(
         args.task,
         args.data,
         model_dir=args.model,
@@ -189,7 +190,25 @@ def main(argv=None) -> int:
         compare=args.compare,
         reference=args.reference,
         fast_decode=args.fast_decode,
+        trust_remote_code=args.trust_remote_code,
     )
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.list_tasks:
+        for task in TASKS.values():
+            print(f"{task.name:<16} {task.family:<8} {task.description}")
+        return 0
+    if not args.task or not args.data:
+        raise SystemExit("--task and --data are required (see --list-tasks)")
+    from .judge import JudgeError
+
+    try:
+        result = _evaluate_args(args)
+    except JudgeError as err:  # already one line naming the item and how to resume
+        raise SystemExit(f"error: {err}") from None
     summary = {k: result[k] for k in ("main", "metric", "count", "submission", "report") if k in result}
     print(json.dumps({"task": args.task, **summary}, indent=2, ensure_ascii=False))
     return 0

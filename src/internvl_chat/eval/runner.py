@@ -20,7 +20,8 @@
 * **Timings**: the returned stats split the time into waiting for prepared inputs, host→device copies,
   prefill + generation (GPU-synchronised) and detokenizing + writing, so a benchmark can show where time goes.
 * **Resumable**: each finished batch is appended to ``predictions.jsonl`` (LLaVA's answer-file fields:
-  ``question_id``, ``prompt``, ``text``, ``model_id``, ``metadata``) and flushed; a rerun skips the ids already
+  ``question_id``, ``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``, so LLaVA's review scripts read
+  it) and flushed; a rerun skips the ids already
   there (a line cut by a crash is dropped). When every question is answered the file is rewritten in question-file
   order, so an interrupted-then-resumed run and a straight run give the same file.
 * **Deterministic**: greedy decoding (``do_sample=False, num_beams=1``), fixed seed, length-sorted order
@@ -29,6 +30,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -47,14 +49,31 @@ from .tasks import Sample, decode_image
 logger = logging.getLogger(__name__)
 
 
-def load_model(model_dir: str, device: str | None = None, dtype: str = "auto", attn_implementation: str = "sdpa"):
+def load_model(
+    model_dir: str,
+    device: str | None = None,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+):
     """`internvl_chat.loading.load_model` with the evaluation defaults: fp16 on CUDA (LLaVA's eval dtype),
-    fp32 on CPU."""
+    fp32 on CPU; ``trust_remote_code`` as there (folders of another model type only)."""
     from ..loading import load_model as _load
 
     return _load(
-        model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation, cuda_auto_dtype="float16"
+        model_dir,
+        device=device,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        cuda_auto_dtype="float16",
+        trust_remote_code=trust_remote_code,
     )
+
+
+def answer_id(model_id: str, key: str, text: str) -> str:
+    """A 22-character id of one answer (LLaVA's answer files carry a random shortuuid; ours is a hash of model,
+    question key and answer, so a rerun writes the same file)."""
+    return hashlib.sha256(f"{model_id}\0{key}\0{text}".encode()).hexdigest()[:22]
 
 
 def build_prompt(processor, sample: Sample, template: str | None = None, system: str | None = None) -> str:
@@ -481,7 +500,14 @@ def _run_batches(
                 texts = processor.post_process_image_text_to_text(new_tokens)
                 records = []
                 for s, text in zip(batch, texts):
-                    rec = {"question_id": s.id, "prompt": s.prompt, "text": text, "model_id": model_id, "metadata": {}}
+                    rec = {
+                        "question_id": s.id,
+                        "prompt": s.prompt,
+                        "text": text,
+                        "answer_id": answer_id(model_id, s.key, text),
+                        "model_id": model_id,
+                        "metadata": {},
+                    }
                     if s.uid:
                         rec["key"] = s.uid
                     records.append(rec)
