@@ -2,6 +2,7 @@
 
     internvl-chat serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
         [--max-batch-size 16] [--batch-window-ms 10] [--max-queue 64] [--request-timeout 300]
+        [--allowed-host NAME] [--cors-origin URL] [--max-preprocess-mb 2048]
         [--allowed-local-media-path DIR] [--allow-remote-images] [model options: see loading.py]
 
     from openai import OpenAI
@@ -13,24 +14,39 @@
 Endpoints: `POST /v1/chat/completions` (text and `image_url` parts; `max_tokens` / `max_completion_tokens`,
 `temperature`, `top_p`, `stop`, `stream` with `stream_options.include_usage`, `n=1`; extension:
 `image_aspect_ratio` = pad / square / resize), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
+OpenAI fields that would change the answer and are not implemented (`tools`, `response_format`, `logprobs`...) are
+refused (400 naming the `param`), never silently ignored.
 
 Images: `data:` URLs always; local paths (or `file://` URLs) only inside `--allowed-local-media-path`; http(s)
-URLs only with `--allow-remote-images`. Every bad request gets a 4xx JSON body in OpenAI's error shape
-(`{"error": {"message", "type", "param", "code"}}`); over capacity answers 503 at once; the API key, when set
-(`--api-key` or `INTERNVL_CHAT_API_KEY`), is required as `Authorization: Bearer KEY` on /v1 routes.
+URLs only with `--allow-remote-images` (public addresses only, checked at every redirect; one deadline per
+download). Every bad request gets a 4xx JSON body in OpenAI's error shape
+(`{"error": {"message", "type", "param", "code"}}`); over capacity (queue, or bytes of images being decoded) answers
+503 with `Retry-After` at once; the API key, when set (`--api-key` or `INTERNVL_CHAT_API_KEY`), is required as
+`Authorization: Bearer KEY` on /v1 routes. Browsers: the `Host` header must name this server (DNS rebinding),
+cross-origin requests are refused unless `--cors-origin` allows them, and POST bodies must be `application/json`.
+The threat model: docs/serving.md.
 """
 
 import argparse
 import asyncio
+import base64
+import binascii
+import ctypes
+import ctypes.util
 import hmac
+import io
 import ipaddress
 import json
 import logging
 import os
+import socket
 import sys
+import threading
 import time
+import urllib.parse
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,8 +71,18 @@ class ServerConfig:
     default_max_tokens: int = 512
     allowed_local_media_path: str | None = None
     allow_remote_images: bool = False
-    remote_image_timeout: float = 10.0
+    remote_image_timeout: float = 10.0  # one deadline for a whole download, redirects included
+    remote_image_max_redirects: int = 3
+    # Which resolved addresses a remote image may come from; replaceable in tests (which only have 127.0.0.1).
+    address_allowed: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool] = field(
+        default_factory=lambda: is_public_address
+    )
     max_stop_sequences: int = 4
+    # Bytes that image decoding + preprocessing of all requests in flight may hold (see `preprocess_cost`).
+    max_preprocess_bytes: int = 2048 * 1024 * 1024
+    bind_host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()  # extra `Host` names ("*" = any; ".example.com" = it and its subdomains)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*" = any)
 
 
 class APIError(Exception):
@@ -72,7 +98,8 @@ def error_body(message: str, type_: str = "invalid_request_error", param=None, c
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Request schema (pydantic; unknown OpenAI fields such as `frequency_penalty` or `user` are accepted and ignored)
+# Request schema (pydantic, strict: `true` is not an integer, "1" is not a number; unknown fields that do not change
+# the answer, such as `user` or `metadata`, are accepted and ignored; those that would are refused, see below)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -80,28 +107,30 @@ def _schemas():
     """Built lazily so that importing this module (e.g. for `make_parser`) does not import pydantic/fastapi."""
     from pydantic import BaseModel, ConfigDict, Field
 
+    strict = ConfigDict(extra="allow", strict=True)
+
     class ImageURL(BaseModel):
-        model_config = ConfigDict(extra="allow")
+        model_config = strict
         url: str
         detail: str | None = None
 
     class ContentPart(BaseModel):
-        model_config = ConfigDict(extra="allow")
+        model_config = strict
         type: str
         text: str | None = None
         image_url: ImageURL | str | None = None
 
     class Message(BaseModel):
-        model_config = ConfigDict(extra="allow")
+        model_config = strict
         role: str
         content: str | list[ContentPart] | None = None
 
     class StreamOptions(BaseModel):
-        model_config = ConfigDict(extra="allow")
+        model_config = strict
         include_usage: bool = False
 
     class ChatCompletionRequest(BaseModel):
-        model_config = ConfigDict(extra="allow")
+        model_config = strict
         model: str
         messages: list[Message] = Field(min_length=1)
         max_tokens: int | None = Field(default=None, ge=1)
@@ -117,9 +146,63 @@ def _schemas():
     return ChatCompletionRequest
 
 
+# OpenAI request fields this server does not implement, each with the values that mean "not used". Any other value
+# would silently change what the client asked for (a tool call, a JSON answer, log-probabilities...): refused.
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "seed": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+}
+
+
+def refuse_unsupported_fields(payload: dict) -> None:
+    for name, neutral in UNSUPPORTED_FIELDS.items():
+        if name not in payload:
+            continue
+        value = payload[name]
+        # `0 == False` in Python: compare types too, so `presence_penalty: false` is not taken for 0.
+        if any(value == ok and type(value) is type(ok) for ok in neutral) or (
+            value == 0 and type(value) in (int, float) and 0 in neutral
+        ):
+            continue
+        raise APIError(
+            400,
+            f"`{name}` is not supported by this server (got {json.dumps(value)[:80]}); remove it.",
+            param=name,
+            code="unsupported_parameter",
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Images
+# Images: where they may come from (local folder, remote SSRF policy), what decoding them costs, admission
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for globally routable unicast addresses: loopback, private, link-local (cloud metadata), shared (CGNAT),
+    reserved, unspecified and multicast are refused, and so are IPv6 forms embedding such an IPv4 address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return is_public_address(ip.ipv4_mapped)
+        if ip.sixtofour is not None:
+            return is_public_address(ip.sixtofour)
+        if ip.teredo is not None:
+            return is_public_address(ip.teredo[1])
+        if ip in ipaddress.ip_network("64:ff9b::/96"):  # NAT64: the last 32 bits are an IPv4 address
+            return is_public_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return ip.is_global and not ip.is_multicast
 
 
 def _resolve_local_path(url: str, config: ServerConfig, param: str) -> str:
@@ -142,62 +225,180 @@ def _resolve_local_path(url: str, config: ServerConfig, param: str) -> str:
     return real
 
 
-def _download(url: str, config: ServerConfig, param: str) -> bytes:
+async def _vetted_address(url, config: ServerConfig, param: str) -> str:
+    """Resolves the URL's host; every address it resolves to must pass `config.address_allowed`. Returns one."""
+    host = url.host
+    try:
+        literal = ipaddress.ip_address(host)
+        addresses = [literal]
+    except ValueError:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, url.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as err:
+            raise APIError(400, f"{param}: cannot resolve {host!r}: {err}", param=param, code="invalid_image") from err
+        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    refused = [a for a in addresses if not config.address_allowed(a)]
+    if not addresses or refused:
+        # All of them: a name resolving to one public and one private address must not get a second chance.
+        raise APIError(
+            400,
+            f"{param}: {host!r} resolves to a non-public address ({refused[0] if refused else 'none'}); remote "
+            "images may only come from public addresses.",
+            param=param,
+            code="image_url_not_allowed",
+        )
+    return str(addresses[0])
+
+
+async def download_image(url: str, config: ServerConfig, param: str) -> bytes:
+    """GET an http(s) image under the SSRF policy: every hop's host is resolved and vetted, then connected to by that
+    vetted address (no second DNS answer can swap it); at most `remote_image_max_redirects` redirects; one total
+    deadline (`remote_image_timeout`) for the whole download, so a server dripping bytes cannot hold the request;
+    at most `max_body_bytes`. Raises APIError (400)."""
+    try:
+        async with asyncio.timeout(config.remote_image_timeout):
+            return await _download(url, config, param)
+    except TimeoutError:
+        raise APIError(
+            400,
+            f"{param}: downloading the image took longer than {config.remote_image_timeout:g} s.",
+            param=param,
+            code="image_download_timeout",
+        ) from None
+
+
+async def _download(url: str, config: ServerConfig, param: str) -> bytes:
     import httpx
 
     limit = config.max_body_bytes
+    # trust_env=False: a proxy from the environment would connect on our behalf to whatever the name resolves to.
+    async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=None) as client:
+        for _ in range(config.remote_image_max_redirects + 1):
+            try:
+                target = httpx.URL(url)
+            except (httpx.InvalidURL, TypeError) as err:
+                raise APIError(400, f"{param}: invalid URL {url!r}.", param=param, code="invalid_image") from err
+            if target.scheme not in ("http", "https") or not target.host:
+                raise APIError(
+                    400, f"{param}: only http(s) URLs can be downloaded ({url!r}).", param=param, code="invalid_image"
+                )
+            address = await _vetted_address(target, config, param)
+            request = client.build_request(
+                "GET",
+                target.copy_with(host=address),
+                headers={"Host": target.netloc.decode("ascii")},
+                extensions={"sni_hostname": target.host} if target.scheme == "https" else {},
+            )
+            try:
+                response = await client.send(request, stream=True)
+                try:
+                    if response.is_redirect:
+                        location = response.headers.get("location", "")
+                        url = urllib.parse.urljoin(str(target), location)
+                        continue
+                    response.raise_for_status()
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > limit:
+                        raise APIError(400, f"{param}: the remote image is larger than {limit} bytes.", param=param)
+                    data = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        data.extend(chunk)
+                        if len(data) > limit:
+                            raise APIError(
+                                400, f"{param}: the remote image is larger than {limit} bytes.", param=param
+                            )
+                    return bytes(data)
+                finally:
+                    await response.aclose()
+            except httpx.HTTPError as err:
+                raise APIError(
+                    400, f"{param}: could not download {url!r}: {err}", param=param, code="invalid_image"
+                ) from err
+    raise APIError(
+        400,
+        f"{param}: more than {config.remote_image_max_redirects} redirects.",
+        param=param,
+        code="too_many_redirects",
+    )
+
+
+def _decode_data_url(url: str, param: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header[5:].lower().startswith(("image/", ";")) and header != "data:":
+        raise APIError(400, f"{param}: data URL is not an image ({url[:40]!r}).", param=param, code="invalid_image")
     try:
-        with httpx.stream("GET", url, timeout=config.remote_image_timeout, follow_redirects=True) as response:
-            response.raise_for_status()
-            data = bytearray()
-            for chunk in response.iter_bytes():
-                data.extend(chunk)
-                if len(data) > limit:
-                    raise APIError(400, f"Remote image {url!r} is larger than {limit} bytes.", param=param)
-            return bytes(data)
-    except httpx.HTTPError as err:
-        raise APIError(400, f"Could not download image {url!r}: {err}", param=param, code="invalid_image") from err
+        if header.lower().endswith(";base64"):
+            return base64.b64decode("".join(payload.split()), validate=True)
+        return urllib.parse.unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as err:
+        raise APIError(400, f"{param}: invalid base64 data: {err}", param=param, code="invalid_image") from err
 
 
-def load_request_image(url: str, config: ServerConfig, param: str):
-    """One `image_url` → RGB PIL image, by the server's policy. Raises APIError (400)."""
+async def fetch_image(url: str, config: ServerConfig, param: str) -> bytes | str:
+    """One `image_url` → its encoded bytes (data: and http(s) URLs) or an allowed local path. Nothing is decoded."""
+    if url.startswith("data:"):
+        return _decode_data_url(url, param)
+    if url.startswith(("http://", "https://")):
+        if not config.allow_remote_images:
+            raise APIError(
+                400,
+                "Remote image URLs are disabled on this server; send the image as a data: URL "
+                "(or start it with --allow-remote-images).",
+                param=param,
+                code="image_url_not_allowed",
+            )
+        return await download_image(url, config, param)
+    if url.startswith("file://") or url.startswith("/") or url.startswith("."):
+        return _resolve_local_path(url, config, param)
+    raise APIError(
+        400,
+        f"{param}: unsupported image URL (expected a data: URL, an http(s) URL or an allowed local path).",
+        param=param,
+        code="invalid_image",
+    )
+
+
+def image_size(source: bytes | str) -> tuple[int, int] | None:
+    """(width, height) from the header alone; None when it cannot be read (decoding then reports why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - any unreadable header: `decode_images` names the error
+        return None
+
+
+def preprocess_cost(sizes: list[tuple[int, int] | None]) -> int:
+    """Bytes decoding + preprocessing these images may hold at once: every decoded image stays alive until the
+    processor ran (PIL keeps RGB as 4 bytes a pixel), and the largest one is also converted (a second copy, up to
+    16 bytes a pixel for 16-bit or float sources) and padded onto a square canvas of its longer side."""
+    known = [(w, h) for w, h in (s for s in sizes if s)]
+    if not known:
+        return 0
+    held = sum(4 * w * h for w, h in known)
+    peak = max(16 * w * h + 4 * max(w, h) ** 2 for w, h in known)
+    return held + peak
+
+
+def decode_images(sources: list[tuple[bytes | str, str]], config: ServerConfig) -> list:
+    """Encoded images → RGB PIL images, by the server's pixel limit. Raises APIError (400)."""
     from ..modeling.image_processing_internvl_chat import ImageLoadError, ImageTooLargeError, load_image
 
-    name = param
-    try:
-        if url.startswith("data:"):
-            if not url[5:].lower().startswith(("image/", ";", ",")):
-                raise APIError(400, f"{param}: data URL is not an image ({url[:40]!r}).", param=param)
-            return load_image(url, max_pixels=config.max_image_pixels, name=name)
-        if url.startswith(("http://", "https://")):
-            if not config.allow_remote_images:
-                raise APIError(
-                    400,
-                    "Remote image URLs are disabled on this server; send the image as a data: URL "
-                    "(or start it with --allow-remote-images).",
-                    param=param,
-                    code="image_url_not_allowed",
-                )
-            return load_image(_download(url, config, param), max_pixels=config.max_image_pixels, name=name)
-        if url.startswith("file://") or url.startswith("/") or url.startswith("."):
-            path = _resolve_local_path(url, config, param)
-            return load_image(path, max_pixels=config.max_image_pixels, name=name)
-        raise APIError(
-            400,
-            f"{param}: unsupported image URL (expected a data: URL, an http(s) URL or an allowed local path).",
-            param=param,
-            code="invalid_image",
-        )
-    except ImageTooLargeError as err:
-        raise APIError(400, str(err), param=param, code="image_too_large") from err
-    except (ImageLoadError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
-        raise APIError(400, f"Invalid image: {err}", param=param, code="invalid_image") from err
+    images = []
+    for source, param in sources:
+        try:
+            images.append(load_image(source, max_pixels=config.max_image_pixels, name=param))
+        except ImageTooLargeError as err:
+            raise APIError(400, str(err), param=param, code="image_too_large") from err
+        except (ImageLoadError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
+            raise APIError(400, f"Invalid image: {err}", param=param, code="invalid_image") from err
+    return images
 
 
-def convert_messages(request, config: ServerConfig) -> tuple[list[dict], list]:
-    """OpenAI messages → (HF chat-template messages with {"type": "image"} blocks, PIL images in order)."""
-    messages, images = [], []
-    image_urls = []
+def parse_messages(request, config: ServerConfig) -> tuple[list[dict], list[tuple[str, str]]]:
+    """OpenAI messages → (HF chat-template messages with {"type": "image"} blocks, [(image url, param)] in order)."""
+    messages, image_urls = [], []
     for i, message in enumerate(request.messages):
         role = "system" if message.role == "developer" else message.role
         if role not in ("system", "user", "assistant"):
@@ -232,9 +433,53 @@ def convert_messages(request, config: ServerConfig) -> tuple[list[dict], list]:
             param="messages",
             code="too_many_images",
         )
-    for url, param in image_urls:
-        images.append(load_request_image(url, config, param))
-    return messages, images
+    return messages, image_urls
+
+
+class PreprocessBudget:
+    """Admission control for image decoding: the `preprocess_cost` of every request between decoding its images and
+    handing the (small) pixel tensors to the engine. A request that does not fit right now is refused (503 +
+    Retry-After) before anything is decoded; one that could never fit is refused as too large (400)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self, cost: int) -> bool:
+        with self._lock:
+            if self.requests and self.used + cost > self.capacity:
+                return False
+            self.used += cost
+            self.requests += 1
+            return True
+
+    def release(self, cost: int) -> bool:
+        """Returns True when nothing is in flight any more."""
+        with self._lock:
+            self.used -= cost
+            self.requests -= 1
+            return self.requests == 0
+
+
+_LIBC = None
+
+
+def release_memory() -> None:
+    """Hands freed heap pages back to the OS. glibc keeps freed blocks of decoded images in its per-thread arenas
+    (the threshold above which it maps large blocks separately grows after each free), so without this a burst of
+    large images leaves the server's resident memory at its peak."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+            _LIBC and _LIBC.malloc_trim  # noqa: B018 - musl / macOS have no malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def sampling_params(request, config: ServerConfig) -> SamplingParams:
@@ -277,6 +522,21 @@ def create_app(engine: Engine, config: ServerConfig):
     # The middleware answers a too-large Content-Length before any byte is read; `read_body` counts chunked ones.
     app = FastAPI(title="internvl-chat")
     app.add_middleware(ContentLengthLimit, max_bytes=config.max_body_bytes)
+    if config.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
+    # Outermost (added last): a refused Host / Origin gets no further, not even a CORS preflight answer.
+    app.add_middleware(
+        BrowserGuard, bind_host=config.bind_host, allowed_hosts=config.allowed_hosts, cors_origins=config.cors_origins
+    )
+    budget = PreprocessBudget(config.max_preprocess_bytes)
+    app.state.preprocess_budget = budget
 
     async def read_body(request: Request) -> bytes:
         body = bytearray()
@@ -339,6 +599,7 @@ def create_app(engine: Engine, config: ServerConfig):
     async def health():
         status = engine.status()
         ok = engine.alive
+        status.update(preprocessing=budget.requests, preprocess_bytes=budget.used)
         return JSONResponse(
             {"status": "ok" if ok else "unavailable", "model": config.model_name, **status},
             status_code=200 if ok else 503,
@@ -358,15 +619,28 @@ def create_app(engine: Engine, config: ServerConfig):
     async def chat_completions(request: Request):
         # The body is read and validated here (not by a FastAPI body parameter) so that every malformed input
         # gets OpenAI's error shape and a 400, not FastAPI's 422 `detail` list.
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            # A browser sends text/plain or form bodies cross-origin without a CORS preflight: refuse them.
+            raise APIError(
+                415,
+                f"Content-Type must be application/json (got {media_type or 'none'!r}).",
+                code="unsupported_media_type",
+            )
         raw = await read_body(request)
         try:
             payload = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(400, f"Invalid JSON body: {err}", code="invalid_json") from err
+        except RecursionError:
+            raise APIError(400, "Invalid JSON body: nested too deeply.", code="invalid_json") from None
         if not isinstance(payload, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        refuse_unsupported_fields(payload)
         try:
             body = request_model.model_validate(payload)
+        except RecursionError:
+            raise APIError(400, "Invalid request: nested too deeply.", code="invalid_json") from None
         except ValidationError as err:
             first = err.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
@@ -379,12 +653,32 @@ def create_app(engine: Engine, config: ServerConfig):
                 code="model_not_found",
             )
         params = sampling_params(body, config)
+        messages, image_urls = parse_messages(body, config)
         status = engine.status()
         if status["queued"] >= engine.max_queue:
             # Answer before decoding any image: over capacity must be cheap.
             raise Overloaded(f"The server is at capacity ({engine.max_queue} requests waiting); retry shortly.")
-        messages, images = await run_in_threadpool(convert_messages, body, config)
-        prepared = await run_in_threadpool(engine.prepare, messages, images, body.image_aspect_ratio)
+        sources = [(await fetch_image(url, config, param), param) for url, param in image_urls]
+        sizes = await run_in_threadpool(lambda: [image_size(source) for source, _ in sources])
+        cost = preprocess_cost(sizes)
+        if cost > budget.capacity:
+            raise APIError(
+                400,
+                f"The images of this request need about {cost / 2**20:.0f} MiB to preprocess; this server allows "
+                f"{budget.capacity / 2**20:.0f} MiB (send smaller images, or fewer).",
+                param="messages",
+                code="image_too_large",
+            )
+        if not budget.try_acquire(cost):
+            raise Overloaded("The server is busy decoding images; retry shortly.")
+        try:
+            images = await run_in_threadpool(decode_images, sources, config)
+            sources = None
+            prepared = await run_in_threadpool(engine.prepare, messages, images, body.image_aspect_ratio)
+        finally:
+            images = sources = None
+            if budget.release(cost) and cost:
+                await run_in_threadpool(release_memory)
         handle = engine.submit(prepared, params, loop=asyncio.get_running_loop())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -455,6 +749,77 @@ class ContentLengthLimit:
                         response = JSONResponse(error_body(message, code="request_too_large"), status_code=status)
                         await response(scope, receive, send)
                         return
+        await self.app(scope, receive, send)
+
+
+LOCAL_HOST_NAMES = ("localhost",)
+
+
+class BrowserGuard:
+    """Pure ASGI middleware against web pages driving the server from a user's browser.
+
+    * `Host` must name this server: a loopback address or `localhost` (or a subdomain of it), the bound address
+      (any IP literal when bound to 0.0.0.0 / ::), or an `--allowed-host` name. A page on an attacker's domain that
+      re-resolves that domain to 127.0.0.1 (DNS rebinding) sends its own domain as Host: refused (400).
+    * A request with an `Origin` header (browsers send one on cross-origin fetches, preflight-free text/plain POSTs
+      included) is refused (403) unless the origin is this server itself or allowed by `--cors-origin`.
+    Requests without these headers (HTTP clients, the openai SDK, curl) are not browsers and pass.
+    """
+
+    def __init__(self, app, bind_host: str, allowed_hosts=(), cors_origins=()):
+        self.app = app
+        self.allowed_hosts = {h.lower() for h in allowed_hosts}
+        self.cors_origins = {o.lower().rstrip("/") for o in cors_origins}
+        try:
+            self.bind_ip = ipaddress.ip_address(bind_host.strip("[]"))
+        except ValueError:  # a name: it is allowed as a Host too
+            self.bind_ip = None
+            self.allowed_hosts.add(bind_host.lower())
+
+    def host_allowed(self, host: str) -> bool:
+        try:
+            name = urllib.parse.urlsplit("//" + host).hostname or ""
+            urllib.parse.urlsplit("//" + host).port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            return False
+        name = name.rstrip(".")
+        if "*" in self.allowed_hosts or name in LOCAL_HOST_NAMES or name.endswith(".localhost"):
+            return True
+        if name in self.allowed_hosts or any(
+            h.startswith(".") and (name.endswith(h) or name == h[1:]) for h in self.allowed_hosts
+        ):
+            return True
+        try:
+            ip = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return ip.is_loopback or (self.bind_ip is not None and (self.bind_ip.is_unspecified or ip == self.bind_ip))
+
+    def origin_allowed(self, origin: str, host: str | None) -> bool:
+        origin = origin.lower().rstrip("/")
+        if "*" in self.cors_origins or origin in self.cors_origins:
+            return True
+        parts = urllib.parse.urlsplit(origin)
+        return bool(host) and parts.scheme in ("http", "https") and parts.netloc == host.lower()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {}
+            for name, value in scope.get("headers", ()):
+                headers.setdefault(name, value.decode("latin-1"))
+            host, origin = headers.get(b"host"), headers.get(b"origin")
+            problem = None
+            if host is not None and not self.host_allowed(host):
+                problem = (400, f"Host {host!r} is not allowed (see --allowed-host).", "host_not_allowed")
+            elif origin is not None and not self.origin_allowed(origin, host):
+                problem = (403, f"Cross-origin requests from {origin!r} are not allowed (see --cors-origin).",
+                           "origin_not_allowed")  # fmt: skip
+            if problem is not None:
+                from starlette.responses import JSONResponse
+
+                status, message, code = problem
+                await JSONResponse(error_body(message, code=code), status_code=status)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
@@ -531,8 +896,36 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     http.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest image (width x height)")
     http.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
     http.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when the request has none")
+    http.add_argument(
+        "--max-preprocess-mb",
+        type=float,
+        default=2048.0,
+        help="memory that decoding the images of all requests in flight may take (503 with Retry-After beyond)",
+    )
+    http.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name clients use to reach the server besides localhost / its address (repeat; "
+        "'.example.com' = it and its subdomains; '*' = any, which reopens DNS rebinding)",
+    )
+    http.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a browser origin (https://app.example.com) whose pages may call the API (repeat; '*' = any page)",
+    )
     http.add_argument("--allowed-local-media-path", help="folder from which image paths / file:// URLs may be read")
-    http.add_argument("--allow-remote-images", action="store_true", help="let the server download http(s) images")
+    http.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="let the server download http(s) images (public addresses only)",
+    )
+    http.add_argument(
+        "--remote-image-timeout", type=float, default=10.0, help="seconds for a whole remote image download"
+    )
     http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -579,6 +972,11 @@ def main(argv=None) -> int:
         default_max_tokens=args.default_max_tokens,
         allowed_local_media_path=args.allowed_local_media_path,
         allow_remote_images=args.allow_remote_images,
+        remote_image_timeout=args.remote_image_timeout,
+        max_preprocess_bytes=int(args.max_preprocess_mb * 1024 * 1024),
+        bind_host=args.host,
+        allowed_hosts=tuple(args.allowed_host),
+        cors_origins=tuple(args.cors_origin),
     )
     engine = build_engine(args, model, processor).start()
     app = create_app(engine, config)
