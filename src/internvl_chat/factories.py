@@ -53,23 +53,35 @@ def prepare_tokenizer(tokenizer_path: str, model_max_length: int):
 
 
 def build_processor(preset_name: str, tokenizer, image_seq_length: int, tiny: bool):
-    from .modeling import InternVLChatImageProcessor, InternVLChatProcessor
-
     preset = get_preset(preset_name)
     tower = TOWERS[preset.tower]
-    size = input_size(preset, tiny)
+    return make_processor(
+        tokenizer,
+        template=preset.template,
+        image_mode=preset.image_mode,
+        size=input_size(preset, tiny),
+        mean=tower["mean"],
+        std=tower["std"],
+        image_seq_length=image_seq_length,
+    )
+
+
+def make_processor(tokenizer, template: str, image_mode: str, size: int, mean, std, image_seq_length: int):
+    """Our processor from its parts (a preset's, or those `internvl-chat convert` reads off a checkpoint)."""
+    from .modeling import InternVLChatImageProcessor, InternVLChatProcessor
+
     image_processor = InternVLChatImageProcessor(
-        image_aspect_ratio=preset.image_mode,
+        image_aspect_ratio=image_mode,
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
-        image_mean=list(tower["mean"]),
-        image_std=list(tower["std"]),
+        image_mean=list(mean),
+        image_std=list(std),
     )
-    spec = TEMPLATES[preset.template]
+    spec = TEMPLATES[template]
     return InternVLChatProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        chat_template=get_template(preset.template),
+        chat_template=get_template(template),
         image_token=IMAGE_TOKEN,
         image_seq_length=image_seq_length,
         stop_strings=list(spec.stop_strings),

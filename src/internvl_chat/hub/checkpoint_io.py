@@ -1,21 +1,26 @@
 """Safe, streaming checkpoint reading and writing for `internvl-chat convert` / `export`.
 
-    from internvl_chat.hub.checkpoint_io import ShardedWriter, iter_tensors, weight_files
+    from internvl_chat.hub.checkpoint_io import ShardedWriter, iter_tensors, tensor_specs, weight_files
 
-    writer = ShardedWriter("out", max_shard_size="5GB", dtype=torch.bfloat16)
-    for path in weight_files("llava-v1.5-7b"):           # shards in index order; a missing shard is an error
+    files = weight_files("llava-v1.5-7b")                  # shards in index order; a missing shard is an error
+    layout = {rename(n): (shape, dtype) for f in files for n, shape, dtype in tensor_specs(f)}  # headers only
+    writer = ShardedWriter("out", layout, max_shard_size="5GB")   # shards planned by huggingface_hub
+    for path in files:
         for name, tensor in iter_tensors(path):           # one tensor at a time (safetensors) / mmap (.bin)
-            writer.add(rename(name), tensor)
+            writer.add(rename(name), tensor)              # a shard is written as soon as it is complete
     writer.close()                                         # model-0000i-of-0000N.safetensors + index
 
-Rules (the safety half of issue 3):
+Rules:
 * `.safetensors` files are read lazily, tensor by tensor; a truncated or corrupt file raises `CheckpointError`
   naming the file.
 * `.bin` files are read only with `torch.load(weights_only=True)` (memory-mapped when the file is a zip archive);
   a pickle that holds anything but tensors is refused with an error naming the file.
 * Anything else (`.pt`, `.pth`, `.ckpt`, `.pkl`, `.h5`, ...) is refused.
-* Output is always safetensors, written by `ShardedWriter` tensor by tensor straight from the tensor's memory (no
-  serialised copy of a whole shard), with `model.safetensors.index.json` when there is more than one shard.
+* A shard index may only name files inside its folder (no absolute paths, no `..`): anything else is refused.
+* Output is always safetensors: `huggingface_hub.split_torch_state_dict_into_shards` plans the shards from the
+  layout (names, shapes, dtypes, in arrival order), and `safetensors.torch.save_file` writes each shard as soon as
+  its last tensor arrives. Peak memory is about one shard plus one tensor when tensors arrive in layout order.
+  Files get the permissions of an ordinary file (`0666 & ~umask`), as the JSON files next to them.
 """
 
 from __future__ import annotations
@@ -25,8 +30,7 @@ import logging
 import os
 import pickle
 import re
-import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -40,22 +44,21 @@ BIN_SINGLE = "pytorch_model.bin"
 # Suffixes that hold pickles or formats we never execute / read.
 REFUSED_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".npz", ".joblib")
 
-# safetensors dtype names (the format's spec) for the torch dtypes a model checkpoint holds.
+# safetensors dtype names (the format's spec) → torch dtypes, to read a layout from headers alone.
 _ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 if hasattr(torch, "float8_e4m3fn"):
-    _ST_DTYPES[torch.float8_e4m3fn] = "F8_E4M3"
-    _ST_DTYPES[torch.float8_e5m2] = "F8_E5M2"
+    _ST_DTYPES.update(F8_E4M3=torch.float8_e4m3fn, F8_E5M2=torch.float8_e5m2)
 
 
 class CheckpointError(ValueError):
@@ -84,13 +87,34 @@ def _check_suffix(path: Path) -> None:
     )
 
 
-def _index_shards(index_path: Path) -> list[Path]:
+class UnsafeShardPath(CheckpointError):
+    """A shard index names a file outside its checkpoint folder (an absolute path or one with `..`)."""
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    """The index's `weight_map` (tensor → shard file), checked: every shard is a plain file name inside the folder."""
     try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
+        weight_map = json.loads(index_path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"Cannot read the shard index {index_path}: {err}") from err
-    shards = list(dict.fromkeys(weight_map.values()))  # index order, deduplicated
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"Cannot read the shard index {index_path}: weight_map is not an object.")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"Shard index {index_path}: tensor {name!r} maps to {shard!r}, not a file name.")
+        # [IMPORTANT] judged on the text, not on resolved paths: a Hub cache snapshot is a folder of symlinks
+        # into ../../blobs, which is fine; a name that climbs out of the folder or is absolute is not.
+        parts = shard.replace("\\", "/").split("/")
+        if shard.startswith(("/", "\\")) or Path(shard).is_absolute() or ".." in parts or ":" in parts[0]:
+            raise UnsafeShardPath(
+                f"Refusing the shard index {index_path}: tensor {name!r} points to {shard!r}, outside the checkpoint "
+                "folder (shards must be files inside it)."
+            )
+    return weight_map
+
+
+def _index_shards(index_path: Path) -> list[Path]:
+    shards = list(dict.fromkeys(_read_weight_map(index_path).values()))  # index order, deduplicated
     missing = [name for name in shards if not (index_path.parent / name).is_file()]
     if missing:
         raise CheckpointError(f"Missing shard(s) {', '.join(missing)} listed in {index_path}.")
@@ -171,6 +195,26 @@ def tensor_names(path: str | Path) -> list[str]:
     return list(_load_bin(path))
 
 
+def tensor_specs(path: str | Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every tensor of one weight file, in file order, without reading tensor data
+    (the header of a safetensors file; a `.bin` is loaded memory-mapped)."""
+    path = Path(path)
+    _check_suffix(path)
+    if not path.is_file():
+        raise CheckpointError(f"Missing weight file {path}.")
+    if not path.name.endswith(".safetensors"):
+        return [(name, tuple(t.shape), t.dtype) for name, t in _load_bin(path).items()]
+    specs = []
+    with _open_safetensors(path) as handle:
+        for name in handle.keys():
+            view = handle.get_slice(name)
+            dtype = _ST_DTYPES.get(view.get_dtype())
+            if dtype is None:
+                raise CheckpointError(f"Tensor {name!r} in {path} has dtype {view.get_dtype()}, which we do not read.")
+            specs.append((name, tuple(view.get_shape()), dtype))
+    return specs
+
+
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (name, tensor) from one weight file, one tensor at a time."""
     path = Path(path)
@@ -196,117 +240,115 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(iter_tensors(path))
 
 
-def folder_tensors(folder: str | Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, name, tensor) over every weight file of a folder, shard by shard."""
-    for path in weight_files(folder):
-        for name, tensor in iter_tensors(path):
-            yield path, name, tensor
-
-
 def folder_tensor_names(folder: str | Path) -> list[str] | None:
     """Names of all tensors of a folder without loading data, or None when only pickles could tell."""
     folder = Path(folder)
     for index_name in (SAFE_INDEX, BIN_INDEX):
         if (folder / index_name).is_file():
-            try:
-                return list(json.loads((folder / index_name).read_text())["weight_map"])
-            except (ValueError, KeyError) as err:
-                raise CheckpointError(f"Cannot read the shard index {folder / index_name}: {err}") from err
+            return list(_read_weight_map(folder / index_name))
     files = weight_files(folder, required=False)
     if files and all(p.name.endswith(".safetensors") for p in files):
         return [name for p in files for name in tensor_names(p)]
     return None
 
 
-class ShardedWriter:
-    """Writes tensors into safetensors shards of at most `max_shard_size` bytes (a bigger tensor gets its own).
+def _file_mode() -> int:
+    """The mode of a newly created ordinary file under the current umask (safetensors' writer creates 0600)."""
+    try:
+        with open("/proc/self/status") as status:  # Linux: read the umask without changing it
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
-    Tensors are buffered until the shard is full, then the shard is written tensor by tensor from the tensors' own
-    memory. `close()` names the shards `model-0000i-of-0000N.safetensors` (or `model.safetensors` when there is one)
-    and writes `model.safetensors.index.json`. Peak memory is about one shard plus one tensor.
+
+def save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file` (writes from the tensors' memory, no serialised copy), ordinary permissions."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"Cannot write {path}: {err}") from err
+    os.chmod(path, _file_mode())
+
+
+Layout = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class ShardedWriter:
+    """Writes a planned set of tensors into sharded safetensors, each shard as soon as its last tensor arrives.
+
+    `layout`: name → (shape, dtype) of every tensor that will be added, in the order they will arrive (floating
+    tensors are cast to the layout's dtype on `add`). `huggingface_hub.split_torch_state_dict_into_shards` plans
+    the shards on meta tensors of that layout, so the files and the index are those `save_pretrained` would write
+    for the same tensors in the same order. Shards go to `*.partial` files, renamed by `close()`.
     """
 
-    def __init__(self, folder: str | Path, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None):
+    def __init__(self, folder: str | Path, layout: Layout, max_shard_size: int | str = "5GB"):
+        from huggingface_hub import split_torch_state_dict_into_shards
+
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.max_shard_size = parse_size(max_shard_size)
-        self.dtype = dtype
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_size = 0
-        self.names: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.layout = dict(layout)
+        meta = {n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype) in self.layout.items()}
+        self.split = split_torch_state_dict_into_shards(
+            meta, filename_pattern="model{suffix}.safetensors", max_shard_size=parse_size(max_shard_size)
+        )
+        self._shard_of = self.split.tensor_to_filename
+        self._pending = {f: set(names) for f, names in self.split.filename_to_tensors.items()}
+        self._buffers: dict[str, dict[str, torch.Tensor]] = {f: {} for f in self._pending}
+        self._written: list[Path] = []
+        self.names: set[str] = set()  # tensors added so far
+        self.total_size = int(self.split.metadata["total_size"])
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.layout:
+            raise CheckpointError(f"Tensor {name!r} is not in the planned layout.")
         if name in self.names:
             raise CheckpointError(f"Tensor {name!r} written twice (two source keys map onto it).")
-        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
-            tensor = tensor.to(self.dtype)
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_size:
-            self._flush()
-        self._buffer[name] = tensor
-        self._buffer_bytes += nbytes
-        self.names[name] = (tuple(tensor.shape), tensor.dtype)
+        shape, dtype = self.layout[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(f"Tensor {name!r} has shape {tuple(tensor.shape)}, the layout {tuple(shape)}.")
+        if tensor.dtype != dtype:
+            if not (tensor.is_floating_point() and dtype.is_floating_point):
+                raise CheckpointError(f"Tensor {name!r} has dtype {tensor.dtype}, the layout {dtype}.")
+            tensor = tensor.to(dtype)
+        filename = self._shard_of[name]
+        self._buffers[filename][name] = tensor
+        self._pending[filename].discard(name)
+        self.names.add(name)
+        if not self._pending[filename]:
+            self._write(filename)
 
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        path = self.folder / f"shard-{len(self._shards):05d}.safetensors.partial"
-        write_safetensors(path, self._buffer, metadata={"format": "pt"})
-        self._shards.append((path, list(self._buffer)))
-        self.total_size += self._buffer_bytes
-        self._buffer, self._buffer_bytes = {}, 0
+    def _write(self, filename: str) -> None:
+        path = self.folder / (filename + ".partial")
+        tensors = self._buffers.pop(filename)
+        save_safetensors(path, tensors, metadata={"format": "pt"})
+        self._written.append(path)
 
     def close(self) -> list[Path]:
-        """Writes the last shard and the index; returns the shard paths."""
-        self._flush()
-        count = len(self._shards)
+        """Renames the shards into place and writes the index (sharded output); returns the shard paths."""
+        missing = sorted(n for names in self._pending.values() for n in names)
+        if missing:
+            raise CheckpointError(f"Tensors planned but never added ({len(missing)}): {missing[:10]}")
         final = []
-        weight_map = {}
-        for i, (path, names) in enumerate(self._shards):
-            name = SAFE_SINGLE if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            os.replace(path, self.folder / name)
-            final.append(self.folder / name)
-            weight_map.update({n: name for n in names})
-        if count > 1:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        for filename in self.split.filename_to_tensors:
+            os.replace(self.folder / (filename + ".partial"), self.folder / filename)
+            final.append(self.folder / filename)
+        if self.split.is_sharded:
+            index = {
+                "metadata": self.split.metadata,
+                "weight_map": dict(sorted(self.split.tensor_to_filename.items())),
+            }
             (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return final
 
     def abort(self) -> None:
-        for path, _ in self._shards:
+        for path in self._written:
             path.unlink(missing_ok=True)
-        self._buffer.clear()
-
-
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Writes a safetensors file tensor by tensor (the format: u64 header length, JSON header, raw data).
-
-    `safetensors.torch.save_file` first copies every tensor into a bytes object; for multi-GB shards that doubles
-    the memory of the conversion, so the (simple, documented) format is written here directly.
-    """
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _ST_DTYPES:
-            raise CheckpointError(f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store.")
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": _ST_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    # [IMPORTANT] the header is padded with spaces to a multiple of 8 bytes so the data starts aligned.
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(header_bytes)))
-        handle.write(header_bytes)
-        for tensor in tensors.values():
-            if tensor.numel() == 0:
-                continue
-            # Raw little-endian bytes of the tensor, via a uint8 view (numpy has no bfloat16).
-            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            handle.write(memoryview(data))
+        self._buffers.clear()

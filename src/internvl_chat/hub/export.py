@@ -20,29 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint_io import CheckpointError, ShardedWriter, iter_tensors, weight_files
-from .convert import DTYPES, ConversionError, read_json
+from ..keymaps import to_llava_hf_key
+from ..loading import DTYPES
+from .checkpoint_io import CheckpointError, ShardedWriter, iter_tensors, tensor_specs, weight_files
+from .convert.common import ConversionError, read_json
 
 logger = logging.getLogger(__name__)
-
-# Our names → llava-hf names (the order matters: first match wins).
-KEY_MAP = (
-    ("model.language_model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
-    ("model.vision_tower.", "vision_tower.vision_model."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-)
-
-
-def export_key(name: str) -> str | None:
-    for old, new in KEY_MAP:
-        if name.startswith(old):
-            return new + name[len(old) :]
-    return None
 
 
 def llava_config(config: dict) -> dict:
@@ -115,19 +103,24 @@ def export(src, dst, dtype: str = "auto", max_shard_size="5GB") -> dict:
         raise ConversionError(f"{src / 'config.json'}: model_type {config.get('model_type')!r}, expected ours.")
     llava = llava_config(config)
     files = weight_files(src)
+    out_dtype = DTYPES.get(dtype)
+    layout, unknown = {}, []
+    for path in files:  # first pass: names, shapes and dtypes only
+        for name, shape, source_dtype in tensor_specs(path):
+            new = to_llava_hf_key(name)
+            if new is None:
+                unknown.append(f"{name} ({path.name})")
+                continue
+            cast = out_dtype is not None and source_dtype.is_floating_point
+            layout[new] = (shape, out_dtype if cast else source_dtype)
+    if unknown:
+        raise ConversionError(f"Keys with no llava-hf counterpart: {unknown}")
     dst.mkdir(parents=True, exist_ok=True)
-    writer = ShardedWriter(dst, max_shard_size=max_shard_size, dtype=DTYPES.get(dtype))
-    unknown = []
+    writer = ShardedWriter(dst, layout, max_shard_size=max_shard_size)
     try:
         for path in tqdm(files, desc="exporting", unit="file", disable=len(files) < 2):
             for name, tensor in iter_tensors(path):
-                new = export_key(name)
-                if new is None:
-                    unknown.append(f"{name} ({path.name})")
-                    continue
-                writer.add(new, tensor)
-        if unknown:
-            raise ConversionError(f"Keys with no llava-hf counterpart: {unknown}")
+                writer.add(to_llava_hf_key(name), tensor)
         writer.close()
     except BaseException:
         writer.abort()
@@ -156,9 +149,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         summary = export(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    except CheckpointError as err:
-        logger.error("error: %s", err)
-        return 1
+    except (CheckpointError, ValueError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 
