@@ -32,6 +32,8 @@ from collections import OrderedDict
 
 from torch import nn
 
+from ..keymaps import strip_peft
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("align", "finetune")
@@ -87,18 +89,11 @@ class StageConfig:
         return not self.freeze_vision or self.tune_vit_from_layer is not None
 
 
-def _strip_peft(name: str) -> str:
-    """Parameter name without the PEFT wrappers (`base_model.model.`, `.base_layer`, `.modules_to_save.default`)."""
-    name = name.removeprefix("base_model.model.")
-    name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-    return name.replace(".original_module.", ".")
-
-
 def part_of(name: str) -> str:
     """Table part of a parameter name ('lora' for LoRA weights)."""
     if ".lora_" in name:
         return "lora"
-    name = _strip_peft(name)
+    name = strip_peft(name)
     for part, prefix in PARTS:
         if name.startswith(prefix):
             return part

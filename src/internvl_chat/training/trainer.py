@@ -186,14 +186,14 @@ def projector_state_dict(model, full_state: dict | None = None) -> dict[str, tor
     `full_state`: an already gathered state dict (ZeRO-3 partitions parameters; `accelerator.get_state_dict`
     gathers them), else the model's parameters are read directly.
     """
-    from .stages import _strip_peft
+    from ..keymaps import strip_peft
 
     items = full_state.items() if full_state is not None else model.named_parameters()
     state = {}
     for name, param in items:
         if ".original_module." in name:
             continue
-        clean = _strip_peft(name)
+        clean = strip_peft(name)
         if clean.startswith(PROJECTOR_PREFIXES):
             state[clean] = param.detach().to("cpu").contiguous()
     return state
@@ -235,8 +235,10 @@ def load_projector(model, path: str | os.PathLike) -> list[str]:
 
         state = load_file(str(path))
     else:
+        from ..keymaps import llava_projector_key
+
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-        state = {_convert_llava_projector_key(k): v for k, v in state.items()}
+        state = {llava_projector_key(k) or k: v for k, v in state.items()}  # unmapped keys are reported below
     own = dict(model.named_parameters())
     missing = [k for k in own if k.startswith("model.multi_modal_projector.") and k not in state]
     unknown = [k for k in state if k not in own]
@@ -249,14 +251,6 @@ def load_projector(model, path: str | os.PathLike) -> list[str]:
             own[key].copy_(value.to(own[key].dtype))
     logger.info("loaded the stage-1 projector from %s (%d tensors)", path, len(state))
     return sorted(state)
-
-
-def _convert_llava_projector_key(key: str) -> str:
-    # Original LLaVA: model.mm_projector.{0,2,4...}.{weight,bias} (Sequential with GELUs at odd indices).
-    match = re.match(r"(?:model\.)?mm_projector\.(\d+)\.(weight|bias)$", key)
-    if match:
-        return f"model.multi_modal_projector.linear_{int(match.group(1)) // 2 + 1}.{match.group(2)}"
-    return key
 
 
 # ---------------------------------------------------------------------------------------------------------------
