@@ -239,7 +239,9 @@ def test_resume_after_kill_reproduces_the_loss_curve(projectors, tmp_path, toy_f
 
 
 def test_compact_cpu_loss_equals_trl_fused_loss(projectors, tmp_path, toy_folder):
-    """Our CPU shortcut (LM head on supervised positions only) gives TRL's loss, packed or not."""
+    """Our CPU shortcut (LM head on supervised positions only) gives TRL's loss, packed or not, and logs TRL's
+    metrics (entropy, mean_token_accuracy, num_tokens) with TRL's values."""
+    import datasets
     from trl import SFTTrainer
 
     from internvl_chat.data import VisionChatDataset
@@ -250,6 +252,10 @@ def test_compact_cpu_loss_equals_trl_fused_loss(projectors, tmp_path, toy_folder
     trainer = summary["trainer"]
     collator = trainer.data_collator
     dataset = VisionChatDataset.from_file(Path(toy_folder) / "finetune.json", image_folder=Path(toy_folder) / "images")
+    # TRL is given the torch dataset's HF view: the same items, images decoded by the dataset
+    assert isinstance(trainer.train_dataset, datasets.Dataset) and len(trainer.train_dataset) == len(dataset)
+    assert trainer.train_dataset[3]["id"] == dataset[3]["id"]
+    assert trainer.train_dataset[3]["images"][0].size == dataset[3]["images"][0].size
     samples = [dataset[i] for i in range(6)]
     model = trainer.model.eval()
     with torch.no_grad():
@@ -261,6 +267,32 @@ def test_compact_cpu_loss_equals_trl_fused_loss(projectors, tmp_path, toy_folder
     # float32 over a 32k vocabulary: TRL's chunked log-sum-exp and ours differ in summation order (~1e-5 relative)
     torch.testing.assert_close(ours, trl, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(packed, ours, rtol=1e-4, atol=1e-4)
+
+    # The logged metrics: each path alone between two `log` calls (train mode counts the tokens).
+    model.train()
+    batch = collator(samples)
+    with torch.no_grad():  # every other supervised label := the greedy prediction, so accuracy is not trivially 0
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    rows, cols = torch.nonzero(batch["labels"][:, 1:] != -100, as_tuple=True)
+    rows, cols = rows[::2], cols[::2]
+    batch["labels"][rows, cols + 1] = logits[rows, cols].argmax(-1)
+    logged = {}
+    for name, compute in (
+        ("ours", trainer.compute_loss),
+        ("trl", lambda m, b: SFTTrainer.compute_loss(trainer, m, b)),
+    ):
+        tokens_before = trainer.compact_train_tokens
+        with torch.no_grad():
+            compute(model, dict(batch))
+        trainer.log({"loss": 0.0})
+        logged[name] = {k: v for k, v in trainer.state.log_history[-1].items() if k != "step"}
+        if name == "ours":
+            logged[name]["num_tokens"] -= tokens_before  # TRL's count starts at 0 (its path never ran before)
+    assert set(logged["ours"]) >= {"entropy", "mean_token_accuracy", "num_tokens"}
+    assert logged["ours"]["num_tokens"] == logged["trl"]["num_tokens"] == int(batch["attention_mask"].sum())
+    for key in ("entropy", "mean_token_accuracy"):
+        assert logged["ours"][key] == pytest.approx(logged["trl"][key], rel=1e-4, abs=1e-5), key
+    assert 0.4 < logged["ours"]["mean_token_accuracy"] < 0.7 and logged["ours"]["entropy"] > 0
 
 
 def test_packed_varlen_recipe_matches_padded_losses(projectors, tmp_path, toy_folder, monkeypatch):
@@ -350,7 +382,7 @@ def test_overrides():
     apply_overrides(recipe, ["--learning_rate", "2e-4", "--data.max_samples", "8", "--lora.r", "4", "--bf16", "false"])
     assert recipe["training"]["learning_rate"] == 2e-4 and recipe["training"]["bf16"] is False
     assert recipe["data"]["max_samples"] == 8 and recipe["lora"]["r"] == 4
-    with pytest.raises(ValueError, match="ambiguous or unknown"):
+    with pytest.raises(ValueError, match="unknown recipe key"):
         apply_overrides(recipe, ["--no_such_key", "1"])
     with pytest.raises(ValueError, match="unknown block"):
         apply_overrides(recipe, ["--nope.x", "1"])

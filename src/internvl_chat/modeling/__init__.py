@@ -38,8 +38,13 @@ def register_auto_classes() -> None:
     AutoConfig.register(model_type, InternVLChatConfig, exist_ok=True)
     AutoModel.register(InternVLChatConfig, InternVLChatModel, exist_ok=True)
     AutoModelForImageTextToText.register(InternVLChatConfig, InternVLChatForConditionalGeneration, exist_ok=True)
+    # One processor (PIL + numpy, no torchvision path) answers both backends: AutoImageProcessor asks for the
+    # "torchvision" backend whenever torchvision is installed, and a "pil"-only entry made every load warn and fall
+    # back to it.
     AutoImageProcessor.register(
-        InternVLChatConfig, slow_image_processor_class=InternVLChatImageProcessor, exist_ok=True
+        InternVLChatConfig,
+        image_processor_classes={"pil": InternVLChatImageProcessor, "torchvision": InternVLChatImageProcessor},
+        exist_ok=True,
     )
     AutoProcessor.register(InternVLChatConfig, InternVLChatProcessor, exist_ok=True)
 

@@ -16,6 +16,7 @@ This file is part of the Hub unit: it imports only torch, transformers' public A
 """
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -189,6 +190,16 @@ class InternVLChatPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        # safetensors >= 0.8 writes weight files through a private temporary file (mode 0600); give them the mode
+        # every other file of the folder gets (0666 minus the umask), so a saved model is readable like the rest.
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(save_directory):
+            if name.endswith(".safetensors"):
+                os.chmod(os.path.join(save_directory, name), 0o666 & ~umask)
 
     def _init_weights(self, module):
         # Towers and the LLM initialise their own modules (their `_init_weights` run on their children); here only

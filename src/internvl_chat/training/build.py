@@ -256,3 +256,32 @@ def build_model(cfg: ModelConfig, freeze_vision: bool = True):
     if cfg.dtype not in ("float32", "auto") and cfg.bits == 16:
         model = model.to(DTYPES[cfg.dtype])
     return model, processor
+
+
+def build_model_shapes(cfg: ModelConfig, freeze_vision: bool = True):
+    """The recipe's model on the meta device, for `train --dry-run`: the real architecture and parameter counts,
+    without reading or downloading any weights (`internvl-chat create --no-weights` builds the same way).
+
+    A folder start reads only its config.json; a preset start builds the preset's config with the recipe's
+    tokenizer (`model.tokenizer`, else the LLM's), so the table matches the real run's shapes. Tiny presets are
+    built for real (seconds). The stage-1 projector (`pretrain_mm_mlp_adapter`) is not read.
+    """
+    from ..modeling import InternVLChatForConditionalGeneration
+
+    if cfg.model_name_or_path:
+        from transformers import AutoConfig
+
+        from ..loading import check_remote_code
+
+        check_remote_code(cfg.model_name_or_path, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(cfg.model_name_or_path)
+    elif cfg.tiny:
+        return build_model(dataclasses.replace(cfg, pretrain_mm_mlp_adapter=None), freeze_vision)[0]
+    else:
+        from ..factories import create
+
+        skeleton, _, _ = create(cfg.preset, None, tokenizer=cfg.tokenizer or cfg.language_model, weights=False)
+        config = skeleton.config
+    _adjust_config(config, cfg, freeze_vision)
+    with torch.device("meta"):
+        return InternVLChatForConditionalGeneration(config)

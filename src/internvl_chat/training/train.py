@@ -131,6 +131,18 @@ def _known_keys(block: str) -> set[str]:
     return {f.name for f in dataclasses.fields(classes[block])}
 
 
+def _suggest(key: str, recipe: dict, block: str | None = None) -> str:
+    """ "; did you mean --training.learning_rate?" for a mistyped override key (closest known keys)."""
+    import difflib
+
+    candidates = {
+        f"{b}.{name}": name for b in ([block] if block else BLOCKS) for name in set(recipe[b]) | _known_keys(b)
+    }
+    close = difflib.get_close_matches(key, list(set(candidates.values())), n=3, cutoff=0.6)
+    flags = [f"--{full}" for full, name in sorted(candidates.items()) if name in close]
+    return f"; did you mean {' or '.join(flags[:3])}?" if flags else f" (blocks: {', '.join(BLOCKS)})"
+
+
 def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
     """Applies `--a.b value` / `--key value` pairs (values parsed as YAML) to `recipe` in place."""
     if len(overrides) % 2:
@@ -144,10 +156,14 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
             block, name = key.split(".", 1)
             if block not in BLOCKS:
                 raise ValueError(f"unknown block {block!r} in {flag}; blocks: {BLOCKS}")
+            if name not in recipe[block] and name not in _known_keys(block):
+                raise ValueError(f"unknown recipe key {flag}{_suggest(name, recipe, block)}")
         else:
             owners = [b for b in BLOCKS if key in recipe[b]] or [b for b in BLOCKS if key in _known_keys(b)]
-            if len(owners) != 1:
-                raise ValueError(f"--{key} is ambiguous or unknown (found in {owners}); use --BLOCK.{key}")
+            if len(owners) > 1:
+                raise ValueError(f"--{key} is in several blocks {owners}: use --BLOCK.{key}, e.g. --{owners[0]}.{key}")
+            if not owners:
+                raise ValueError(f"unknown recipe key --{key}{_suggest(key, recipe)}")
             block, name = owners[0], key
         recipe[block][name] = value
     return recipe
@@ -193,6 +209,7 @@ def build_dataset(data: DataConfig, path: str | None = None):
 def run(recipe: dict, callbacks: list | None = None, resume: str | bool | None = None) -> dict:
     """Runs a parsed recipe (see `load_recipe` / `apply_overrides`); returns the summary written to disk."""
     from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     from .build import ModelConfig, build_model
@@ -210,6 +227,16 @@ def run(recipe: dict, callbacks: list | None = None, resume: str | bool | None =
     # LLaVA's names → transformers 5 names.
     if "warmup_ratio" in training:
         training["warmup_steps"] = float(training.pop("warmup_ratio"))
+    # Recipes say gradient_checkpointing (LLaVA's name, every transformers 5.x); 5.25+ calls it
+    # activation_checkpointing and warns whenever the old name is set (TRL's config sets it by default): pass the
+    # name the installed version has.
+    defaults = {f.name: f.default for f in dataclasses.fields(VisionSFTConfig)}
+    if "activation_checkpointing" in defaults:
+        old = training.pop("gradient_checkpointing", defaults["gradient_checkpointing"])
+        training.setdefault("activation_checkpointing", old)
+        training["gradient_checkpointing"] = None
+        if "gradient_checkpointing_kwargs" in training:
+            training.setdefault("activation_checkpointing_kwargs", training.pop("gradient_checkpointing_kwargs"))
     training.setdefault("save_full_model", stage.stage != "align")  # LLaVA stage 1 keeps only the projector
     training.setdefault("report_to", "none")
     # [IMPORTANT] our collator tokenizes and needs the raw `messages` / `images` / `id`: no TRL preparation, no
@@ -255,6 +282,11 @@ def run(recipe: dict, callbacks: list | None = None, resume: str | bool | None =
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    if any(isinstance(c, ProgressCallback) for c in callbacks or []):
+        # A caller's own progress display (the demo's bar with the running loss) replaces the trainer's bar and
+        # its raw log-dict lines.
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
     trainer.log_trainable()
     logger.info(
         "data: %d samples from %s, template %s, max_length %s, over_length %s, packing %s",
@@ -317,11 +349,12 @@ def main(argv=None) -> int:
         sys.stdout.write(yaml.safe_dump(recipe, sort_keys=False))
         return 0
     if args.dry_run:
-        from .build import ModelConfig, build_model
+        from .build import ModelConfig, build_model_shapes
         from .stages import StageConfig, apply_stage, trainable_table
 
         stage = StageConfig.from_dict(recipe["stage"])
-        model, _ = build_model(ModelConfig.from_dict(recipe["model"]), freeze_vision=stage.freeze_vision)
+        # Meta device: the table of a 13B recipe without downloading (or reading) a single weight.
+        model = build_model_shapes(ModelConfig.from_dict(recipe["model"]), freeze_vision=stage.freeze_vision)
         apply_stage(model, stage)
         sys.stdout.write(trainable_table(model, stage, recipe["training"].get("learning_rate")) + "\n")
         return 0
