@@ -150,11 +150,13 @@ class RequestHandle:
 
     # -- caller side ------------------------------------------------------------------------------------------------
     def cancel(self) -> None:
-        """Frees the request's slot: dropped from the queue, or its row stops at the next decoding step."""
+        """Frees the request's slot: dropped from the queue, or its row stops at the next decoding step. Safe from any
+        thread: a consumer blocked in `stream()` / `astream()` wakes up with `Cancelled`."""
         if not self.cancelled.is_set() and not self.ended:
             self.cancelled.set()
             if self._on_cancel is not None:
                 self._on_cancel(self)
+            self._push(Failed(Cancelled("The request was cancelled.")))
 
     def _handle(self, event):
         if isinstance(event, Failed):

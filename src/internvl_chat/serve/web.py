@@ -4,8 +4,10 @@
     internvl-chat web --server-url http://127.0.0.1:8000/v1 [--api-key KEY]       # talks to the server
 
 Image upload, Pad / Crop / Resize preprocessing (the model's `image_aspect_ratio`: pad, square, resize),
-temperature, top-p and max new tokens, streamed answers, Regenerate and Clear. An image is attached to the message
-sent after it was uploaded (change it to talk about another one); the whole conversation is sent every turn.
+temperature, top-p and max new tokens, streamed answers, Regenerate, Clear and Stop. An image is attached to the
+message sent after it was uploaded (change it to talk about another one); the whole conversation is sent every turn.
+While an answer streams, Send / Regenerate / Clear are disabled and Stop cancels it; the conversation lives in
+`ChatSessions` (per browser session), so a cancelled answer never writes an old conversation back.
 
     from internvl_chat.serve.web import InProcessBackend, build_demo
     demo = build_demo(InProcessBackend(engine), title="my model"); demo.queue().launch()
@@ -13,14 +15,17 @@ sent after it was uploaded (change it to talk about another one); the whole conv
 
 import argparse
 import base64
+import collections
 import hashlib
 import io
 import logging
 import sys
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from ..loading import ModelLoadError, add_model_args, load_model, model_kwargs
-from .engine import Engine, EngineError, SamplingParams
+from .engine import Cancelled, Engine, EngineError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ class InProcessBackend:
     def __init__(self, engine: Engine, name: str = "model"):
         self.engine, self.name = engine, name
 
-    def stream(self, turns: list[dict], mode: str, temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
+    def open(self, turns: list[dict], mode: str, temperature: float, top_p: float, max_tokens: int) -> "AnswerStream":
         messages, images = [], []
         for turn in turns:
             content = [{"type": "image"}] if turn.get("image") is not None else []
@@ -42,7 +47,15 @@ class InProcessBackend:
             if turn.get("image") is not None:
                 images.append(turn["image"])
         params = SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p))
-        yield from self.engine.generate(messages, images, params, image_aspect_ratio=mode)
+        handle = self.engine.submit(self.engine.prepare(messages, images, image_aspect_ratio=mode), params)
+        return AnswerStream(handle.stream(), handle.cancel)
+
+    def stream(self, turns: list[dict], mode: str, temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
+        answer = self.open(turns, mode, temperature, top_p, max_tokens)
+        try:
+            yield from answer
+        finally:
+            answer.cancel()
 
 
 class RemoteBackend:
@@ -60,7 +73,7 @@ class RemoteBackend:
         image.save(buffer, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
-    def stream(self, turns: list[dict], mode: str, temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
+    def open(self, turns: list[dict], mode: str, temperature: float, top_p: float, max_tokens: int) -> "AnswerStream":
         messages = []
         for turn in turns:
             content = []
@@ -77,12 +90,36 @@ class RemoteBackend:
             stream=True,
             extra_body={"image_aspect_ratio": mode},  # our extension: pad / square / resize
         )
-        try:
+
+        def deltas():
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
+
+        # Closing the connection frees the server's slot (the server cancels the row when its client goes away).
+        return AnswerStream(deltas(), stream.close)
+
+    def stream(self, turns: list[dict], mode: str, temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
+        answer = self.open(turns, mode, temperature, top_p, max_tokens)
+        try:
+            yield from answer
         finally:
-            stream.close()  # closing the connection frees the server's slot when the UI stops early
+            answer.cancel()
+
+
+class AnswerStream:
+    """An answer being generated: iterate for text deltas; `cancel()` (any thread) stops it and frees its slot."""
+
+    def __init__(self, deltas: Iterator[str], cancel):
+        self._deltas, self._cancel = deltas, cancel
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[str]:
+        return self._deltas
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._cancel()
 
 
 def _image_key(image) -> str | None:
@@ -101,55 +138,186 @@ def _chat_view(turns: list[dict]) -> list[dict]:
     return view
 
 
+@dataclass
+class _Session:
+    turns: list = field(default_factory=list)
+    image_key: str | None = None
+    generation: int = 0  # +1 on Clear: an answer of an older generation may not write into the conversation
+    answering: int | None = None  # the generation whose answer is streaming, if any
+    active: AnswerStream | None = None
+
+
+class ChatSessions:
+    """The web UI's conversation logic, one conversation per browser session, kept here rather than in Gradio
+    state so that no event can write an old conversation back:
+
+    * while an answer streams, a second one cannot start (`answer`, `add_user` and `regenerate` are no-ops);
+    * `clear` cancels the streaming answer (its engine row / server request stops) and starts a new generation: the
+      cancelled answer never writes its turns back, and the next question is sent without them;
+    * `stop` cancels the streaming answer and keeps what was generated so far.
+
+    `request` is Gradio's `gr.Request` (only `session_hash` is used); `None` means a single default session.
+    """
+
+    def __init__(self, backend, max_sessions: int = 10_000):
+        self.backend = backend
+        self.max_sessions = max_sessions
+        self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _get(self, request) -> _Session:
+        key = getattr(request, "session_hash", None) or "default"
+        session = self._sessions.get(key)
+        if session is None:
+            session = self._sessions[key] = _Session()
+            while len(self._sessions) > self.max_sessions:  # tabs that never unloaded: the oldest go first
+                self._sessions.popitem(last=False)
+        self._sessions.move_to_end(key)
+        return session
+
+    def view(self, request=None) -> list[dict]:
+        with self._lock:
+            return _chat_view(self._get(request).turns)
+
+    def streaming(self, request=None) -> bool:
+        with self._lock:
+            session = self._get(request)
+            return session.answering is not None and session.answering == session.generation
+
+    def add_user(self, text, image, request=None) -> tuple[list[dict], str]:
+        """Appends a user turn (the image only when it changed); returns (chat view, textbox value)."""
+        text = (text or "").strip()
+        with self._lock:
+            session = self._get(request)
+            if not text or session.answering == session.generation:
+                return _chat_view(session.turns), (text if session.answering == session.generation else "")
+            key = _image_key(image)
+            attach = image if key is not None and key != session.image_key else None
+            if attach is not None:
+                session.image_key = key
+            session.turns = [*session.turns, {"role": "user", "text": text, "image": attach}]
+            return _chat_view(session.turns), ""
+
+    def regenerate(self, request=None) -> list[dict]:
+        with self._lock:
+            session = self._get(request)
+            if session.answering != session.generation and session.turns and session.turns[-1]["role"] == "assistant":
+                session.turns = session.turns[:-1]
+            return _chat_view(session.turns)
+
+    def clear(self, request=None) -> list[dict]:
+        with self._lock:
+            session = self._get(request)
+            session.generation += 1
+            session.turns, session.image_key = [], None
+            active, session.active = session.active, None
+        if active is not None:
+            active.cancel()
+        return []
+
+    def stop(self, request=None) -> list[dict]:
+        with self._lock:
+            session = self._get(request)
+            active = session.active
+        if active is not None:
+            active.cancel()
+        return self.view(request)
+
+    def forget(self, request=None) -> None:
+        """The browser tab went away: cancel its answer and drop its conversation."""
+        self.clear(request)
+        with self._lock:
+            self._sessions.pop(getattr(request, "session_hash", None) or "default", None)
+
+    def answer(self, mode, temperature, top_p, max_tokens, request=None) -> Iterator[list[dict]]:
+        """Streams the answer to the last user turn; yields the chat view after each delta."""
+        with self._lock:
+            session = self._get(request)
+            busy = session.answering == session.generation
+            if busy or not session.turns or session.turns[-1]["role"] != "user":
+                view = _chat_view(session.turns)
+                generation = None
+            else:
+                generation = session.answering = session.generation
+                turns = list(session.turns)
+        if generation is None:
+            yield view
+            return
+        reply = {"role": "assistant", "text": ""}
+        answer = None
+        try:
+            answer = self.backend.open(turns, MODES.get(mode, "pad"), temperature, top_p, max_tokens)
+            with self._lock:
+                if session.generation == generation:
+                    session.active = answer
+            if session.generation != generation:  # cleared while the request was being prepared
+                answer.cancel()
+            for delta in answer:
+                if session.generation != generation or answer.cancelled:
+                    break
+                reply["text"] += delta
+                yield _chat_view([*turns, reply])
+        except Exception as err:  # noqa: BLE001 - engine / openai errors are shown in the chat; the UI keeps running
+            if not (answer is not None and answer.cancelled) and not isinstance(err, Cancelled):
+                logger.warning("generation failed: %s", err)
+                detail = (
+                    str(err) if isinstance(err, (EngineError, ValueError, OSError)) else f"{type(err).__name__}: {err}"
+                )
+                reply["text"] += f" [error: {detail}]"
+        finally:
+            if answer is not None:
+                answer.cancel()  # no-op when it finished; frees the slot when the UI went away mid-answer
+            with self._lock:
+                if session.answering == generation:
+                    session.answering = None
+                if session.active is answer:
+                    session.active = None
+                if session.generation == generation:
+                    session.turns = [*turns, reply]
+                view = _chat_view(session.turns)
+        yield view
+
+
 def build_demo(
     backend, title: str = "internvl-chat", temperature: float = 0.2, top_p: float = 0.7, max_tokens: int = 512
 ):
-    """The Gradio Blocks app; `backend` has `.name` and `.stream(turns, mode, temperature, top_p, max_tokens)`.
+    """The Gradio Blocks app; `backend` has `.name` and `.open(turns, mode, temperature, top_p, max_tokens)`.
 
-    `temperature`, `top_p`, `max_tokens`: the sliders' initial values (LLaVA's demo defaults)."""
+    `temperature`, `top_p`, `max_tokens`: the sliders' initial values (LLaVA's demo defaults). While an answer
+    streams, Send / Regenerate / Clear are disabled and Stop is enabled (see `ChatSessions` for the rules)."""
     import gradio as gr
 
-    def add_user(text, image, state):
-        state = dict(state or {"turns": [], "image_key": None})
-        text = (text or "").strip()
-        if not text:
-            return state, _chat_view(state["turns"]), ""
-        key = _image_key(image)
-        attach = image if key is not None and key != state["image_key"] else None
-        if attach is not None:
-            state["image_key"] = key
-        state["turns"] = [*state["turns"], {"role": "user", "text": text, "image": attach}]
-        return state, _chat_view(state["turns"]), ""
+    sessions = ChatSessions(backend)
 
-    def answer(state, mode, temperature, top_p, max_tokens):
-        turns = list((state or {}).get("turns", []))
-        if not turns or turns[-1]["role"] != "user":
-            yield state, _chat_view(turns)
-            return
-        reply = {"role": "assistant", "text": ""}
-        shown = [*turns, reply]
-        try:
-            for delta in backend.stream(turns, MODES.get(mode, "pad"), temperature, top_p, max_tokens):
-                reply["text"] += delta
-                yield state, _chat_view(shown)
-        except (EngineError, ValueError, OSError) as err:
-            logger.warning("generation failed: %s", err)
-            reply["text"] += f" [error: {err}]"
-        except Exception as err:  # openai errors (remote backend): shown in the chat, the UI keeps running
-            logger.warning("generation failed: %s", err)
-            reply["text"] += f" [error: {type(err).__name__}: {err}]"
-        state = {**state, "turns": shown}
-        yield state, _chat_view(shown)
+    def add_user(text, image, request: gr.Request):
+        return sessions.add_user(text, image, request)
 
-    def regenerate(state):
-        turns = list((state or {}).get("turns", []))
-        if turns and turns[-1]["role"] == "assistant":
-            turns.pop()
-        state = {**(state or {"image_key": None}), "turns": turns}
-        return state, _chat_view(turns)
+    def answer(mode, temperature, top_p, max_tokens, request: gr.Request):
+        yield from sessions.answer(mode, temperature, top_p, max_tokens, request)
 
-    def clear():
-        return {"turns": [], "image_key": None}, [], "", None
+    def regenerate(request: gr.Request):
+        return sessions.regenerate(request)
+
+    def clear(request: gr.Request):
+        return sessions.clear(request), "", None
+
+    def stop(request: gr.Request):
+        return sessions.stop(request)
+
+    def lock():
+        return (
+            gr.Button(interactive=False),
+            gr.Button(interactive=False),
+            gr.Button(interactive=False),
+            gr.Button(interactive=True),
+        )
+
+    def unlock(request: gr.Request):
+        busy = sessions.streaming(request)  # another event's answer may still be streaming
+        return (*(gr.Button(interactive=not busy) for _ in range(3)), gr.Button(interactive=busy))
+
+    def forget(request: gr.Request):
+        sessions.forget(request)
 
     # System fonts: the default theme would fetch Google fonts, which offline machines cannot reach.
     theme = gr.themes.Default(
@@ -157,7 +325,6 @@ def build_demo(
     )
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title}\nModel: `{backend.name}`")
-        state = gr.State({"turns": [], "image_key": None})
         with gr.Row():
             with gr.Column(scale=3):
                 image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image")
@@ -180,17 +347,22 @@ def build_demo(
                 with gr.Row():
                     regen = gr.Button("Regenerate", elem_id="regenerate")
                     clear_btn = gr.Button("Clear", elem_id="clear")
+                    stop_btn = gr.Button("Stop", elem_id="stop", interactive=False)
 
         settings = [mode, temperature_slider, top_p_slider, max_tokens_slider]
+        buttons = [send, regen, clear_btn, stop_btn]
         for trigger in (send.click, textbox.submit):
-            trigger(add_user, [textbox, image, state], [state, chatbot, textbox], queue=False).then(
-                answer, [state, *settings], [state, chatbot]
-            )
-        regen.click(regenerate, [state], [state, chatbot], queue=False).then(
-            answer, [state, *settings], [state, chatbot]
-        )
-        clear_btn.click(clear, None, [state, chatbot, textbox, image], queue=False)
+            trigger(add_user, [textbox, image], [chatbot, textbox], queue=False).then(
+                lock, None, buttons, queue=False
+            ).then(answer, settings, [chatbot]).then(unlock, None, buttons, queue=False)
+        regen.click(regenerate, None, [chatbot], queue=False).then(lock, None, buttons, queue=False).then(
+            answer, settings, [chatbot]
+        ).then(unlock, None, buttons, queue=False)
+        clear_btn.click(clear, None, [chatbot, textbox, image], queue=False)
+        stop_btn.click(stop, None, [chatbot], queue=False)
+        demo.unload(forget)
     demo.internvl_theme = theme  # Gradio 6 takes the theme at launch()
+    demo.internvl_sessions = sessions
     return demo
 
 
