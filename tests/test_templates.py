@@ -1,4 +1,4 @@
-"""Conversation templates: exact text (reference.md §2) and assistant masks (§3) on real tokenizers.
+"""Conversation templates: exact text and assistant masks on real tokenizers.
 
 Expected strings are written out literally here, from the reference and the original LLaVA / LLaVA-pp code,
 never produced by the code under test.
@@ -12,8 +12,10 @@ import jinja2
 import pytest
 from transformers import AutoTokenizer
 
+from internvl_chat.modeling.processing_internvl_chat import supervised_token_mask
 from internvl_chat.templates import (
     ALIASES,
+    HELPERS_PLACEHOLDER,
     TEMPLATES,
     TemplateSpec,
     encode_chat,
@@ -21,9 +23,9 @@ from internvl_chat.templates import (
     get_template_spec,
     render_chat,
 )
-from internvl_chat.templates import _spans_to_mask as spans_to_mask
 
 TOKENIZERS = pathlib.Path(__file__).parent / "fixtures" / "tokenizers"
+TEMPLATES_FOLDER = pathlib.Path(__file__).parents[1] / "src" / "internvl_chat" / "templates"
 
 ALL_NAMES = [
     "plain",
@@ -207,9 +209,21 @@ def test_registry_entries_and_files():
     assert TEMPLATES["vicuna_v1"].stop_strings == ("</s>",)
     assert TEMPLATES["phi3_instruct"].stop_strings == ("<|end|>",)
     assert TEMPLATES["llama3"].stop_strings == ("<|eot_id|>",)
-    assert TEMPLATES["vicuna_v1"].default_system == VICUNA
-    assert TEMPLATES["v1_mmtag"].default_system == MMTAG
-    assert TEMPLATES["llava_llama_2"].default_system == LLAMA2
+    # The default system prompts, verbatim (the text is checked in full in the rendering tests).
+    assert render_chat(TEXT_ONLY, "vicuna_v1").startswith(VICUNA + " USER:")
+    assert render_chat(TEXT_ONLY, "v1_mmtag").startswith(MMTAG + " USER:")
+    assert render_chat(TEXT_ONLY, "llava_llama_2").startswith("[INST] <<SYS>>\n" + LLAMA2 + "\n<</SYS>>")
+
+
+def test_templates_compose_the_shared_helpers_once():
+    """Each template file holds only its own part; the helper block lives in _helpers.jinja and is composed in."""
+    folder = pathlib.Path(TEMPLATES_FOLDER)
+    helpers = (folder / "_helpers.jinja").read_text()
+    for name, spec in TEMPLATES.items():
+        raw = (folder / spec.file).read_text()
+        assert "macro turn" not in raw and raw.count(HELPERS_PLACEHOLDER) == 1
+        composed = get_template(name)
+        assert composed == raw.replace(HELPERS_PLACEHOLDER, helpers) and composed.count("macro turn") == 1
 
 
 def test_alias_v1():
@@ -307,8 +321,10 @@ def test_multi_image_and_literal_image():
 def test_unsupported_role_raises():
     with pytest.raises(jinja2.exceptions.TemplateError, match="tool"):
         render_chat([{"role": "tool", "content": "x"}], "vicuna_v1")
-    with pytest.raises(jinja2.exceptions.TemplateError, match="first message"):
-        render_chat([{"role": "assistant", "content": "x"}], "llava_llama_2")
+    # A first turn from the assistant is dropped (the original preprocessing skips it), not an error.
+    greeting = [{"role": "assistant", "content": "x"}, *MULTI]
+    for name in ALL_NAMES:
+        assert render_chat(greeting, name) == render_chat(MULTI, name)
 
 
 # ------------------------------------------------------------------------------------ transformers renders it
@@ -495,12 +511,19 @@ def test_unmappable_span_raises():
     text = "ab A cat.</s>"
     # offsets that skip the answer entirely (e.g. a broken/slow tokenizer): must raise, never zero the labels
     with pytest.raises(ValueError, match="Cannot map"):
-        spans_to_mask(text, [(0, 0), (0, 2), (2, 3)], [(3, 13)])
+        supervised_token_mask(text, [(0, 0), (0, 2), (2, 3)], [(3, 13)])
     # partially covered span
-    with pytest.raises(ValueError, match="has no token"):
-        spans_to_mask(text, [(0, 2), (2, 5), (5, 9)], [(3, 13)])
-    # a token carrying the separator space before the answer is supervised
-    assert spans_to_mask(text, [(0, 2), (2, 4), (4, 9), (9, 13)], [(3, 13)]) == [0, 1, 1, 1]
+    with pytest.raises(ValueError, match="in no token"):
+        supervised_token_mask(text, [(0, 2), (2, 5), (5, 9)], [(3, 13)])
+    # a token straddling the start of the answer (begins in the prompt, carries answer text) is refused
+    with pytest.raises(ValueError, match="straddles"):
+        supervised_token_mask(text, [(0, 2), (2, 4), (4, 9), (9, 13)], [(3, 13)])
+    # tokens starting inside the span are supervised, one starting before it (even on whitespace) is not
+    assert supervised_token_mask(text, [(0, 3), (3, 5), (5, 9), (9, 13)], [(3, 13)]) == [0, 1, 1, 1]
+    assert supervised_token_mask(text, [(0, 2), (2, 5), (5, 9), (9, 13)], [(2, 13)]) == [0, 1, 1, 1]
+    # image positions are never supervised
+    text = "Q: <image>A.</s>"
+    assert supervised_token_mask(text, [(0, 3), (3, 10), (10, 12), (12, 16)], [(3, 16)], [1]) == [0, 0, 1, 1]
 
 
 def test_encode_chat_raises_on_zero_width_offsets(tokenizers):

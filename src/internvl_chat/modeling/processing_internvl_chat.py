@@ -17,6 +17,88 @@ from .image_processing_internvl_chat import PREPROCESS_OPTIONS
 
 logger = logging.get_logger(__name__)
 
+
+def tokenize_llava(tokenizer, text, image_token, image_token_id, image_seq_length, add_special_tokens=None):
+    """LLaVA's `tokenizer_image_token`, with character offsets: the one piecewise tokenization of the package.
+
+    The text is cut at each `image_token`, every piece is tokenized on its own (the first one with the tokenizer's
+    special tokens, i.e. BOS) and `image_seq_length` copies of `image_token_id` are put between the pieces.
+    `add_special_tokens=None` adds BOS unless the text already starts with the BOS token (templates such as llama3
+    write it; transformers' `apply_chat_template` follows the same rule).
+
+    Returns `(ids, offsets, image_positions)`: `offsets[i]` is the (start, end) character range of token i in
+    `text` (an image id gets the range of its placeholder, BOS an empty range), `image_positions` the indices of the
+    image ids.
+
+    # [IMPORTANT] tokenizing the whole string with `<image>` as a special token is NOT the same: SentencePiece
+    # tokenizers give the text after a separately-tokenized piece a leading "▁" (`<image>` then "\n" is
+    # ids 29871, 13 for Llama-2), which is what every LLaVA / InternVL-Chat / ShareGPT4V model was trained on.
+    """
+    if add_special_tokens is None:
+        bos = tokenizer.bos_token
+        add_special_tokens = not (bos is not None and text.startswith(bos))
+    ids, offsets, image_positions = [], [], []
+    start, placeholder = 0, len(image_token) if image_token else 0
+    # image_token=None: no placeholder to cut out (text-only use), one tokenizer call.
+    for j, piece in enumerate(text.split(image_token) if image_token else [text]):
+        if j > 0:
+            image_positions.extend(range(len(ids), len(ids) + image_seq_length))
+            ids.extend([image_token_id] * image_seq_length)
+            offsets.extend([(start - placeholder, start)] * image_seq_length)
+        special = add_special_tokens and j == 0
+        # An empty piece is tokenized only when it carries BOS (LLaVA tokenizes every chunk, but an empty chunk
+        # without special tokens has no ids).
+        if piece or special:
+            encoding = tokenizer(piece, add_special_tokens=special, return_offsets_mapping=True)
+            ids.extend(encoding["input_ids"])
+            # Special tokens added by the tokenizer (BOS) have empty (0, 0) offsets: keep them empty after the shift.
+            offsets.extend(
+                (int(a) + start, int(b) + start) if b > a else (start, start) for a, b in encoding["offset_mapping"]
+            )
+        start += len(piece) + placeholder
+    return ids, offsets, image_positions
+
+
+def supervised_token_mask(text, offsets, spans, image_positions=()):
+    """1 for each token that starts inside a supervised character span (`{% generation %}` of the template).
+
+    The rule of the original LLaVA / LLaVA-pp label arithmetic: a token belongs to the answer when it *starts*
+    inside the answer. A token that begins in the prompt and swallows the answer's leading whitespace (phi3's
+    `<|assistant|>` eating a following space or newline, llama3's `ĊĊĊ` merging the header's `\n\n` with an
+    answer's `\n`) stays a prompt token. The separator space after `ASSISTANT:` / `[/INST]` lies inside the span in
+    our templates, so its `▁` (alone before a digit, or in `▁Blue`) is supervised as LLaVA's `-2` arithmetic does.
+    Image positions and empty tokens (BOS) are never supervised.
+
+    With `text` given, raises `ValueError` when a non-whitespace character of a span is not covered by a supervised
+    token (a token straddling the span start, or a tokenizer whose offsets do not cover the text); `text=None` skips
+    that check.
+    """
+    mask = [0] * len(offsets)
+    images = set(image_positions)
+    for span_start, span_end in spans:
+        if span_end <= span_start:
+            continue
+        covered = [False] * (span_end - span_start)
+        for i, (tok_start, tok_end) in enumerate(offsets):
+            if tok_end > tok_start and span_start <= tok_start < span_end:
+                # An image placeholder inside an answer is an input, never a target, but its text is accounted for.
+                mask[i] = 0 if i in images else 1
+                for pos in range(tok_start, min(tok_end, span_end)):
+                    covered[pos - span_start] = True
+        missing = [
+            p for p, ok in enumerate(covered) if not ok and (text is None or not text[span_start + p].isspace())
+        ]
+        if missing and text is not None:
+            where = span_start + missing[0]
+            raise ValueError(
+                f"Cannot map the supervised span {text[span_start:span_end]!r} (characters {span_start}:{span_end}) "
+                f"to tokens: character {where} ({text[where]!r}) is in no token that starts inside the span. "
+                "Either a token straddles the start of the answer or the tokenizer's offsets do not cover the text "
+                "(is it a fast tokenizer?)."
+            )
+    return mask
+
+
 # Tokenizer call options the processor forwards; the rest of what `apply_chat_template` or pipelines pass along
 # (`return_dict`, `tokenize`, multimodal flags of other models) is not a tokenizer option.
 TOKENIZER_KWARGS = (
@@ -27,6 +109,7 @@ TOKENIZER_KWARGS = (
     "return_attention_mask",
     "padding_side",
     "pad_to_multiple_of",
+    "return_offsets_mapping",
 )
 
 
@@ -126,35 +209,81 @@ class InternVLChatProcessor(ProcessorMixin):
                     f"Sample {i}: {n_tokens} `{self.image_token}` placeholders in the text but {n} images."
                 )
 
-    def _tokenize(self, texts, add_special_tokens=None, truncation=False, max_length=None, padding=False, **kwargs):
-        """Tokenizes as LLaVA's `tokenizer_image_token`: the text is cut at each `<image>`, every piece is
-        tokenized on its own (the first with special tokens, i.e. BOS) and `image_seq_length` image-token ids
-        are put between the pieces. `add_special_tokens=None` adds them unless the text already starts with the BOS
-        token (templates such as llama3 write it; transformers' `apply_chat_template` follows the same rule).
+    def _tokenize(
+        self,
+        texts,
+        add_special_tokens=None,
+        truncation=False,
+        max_length=None,
+        padding=False,
+        return_offsets_mapping=False,
+        **kwargs,
+    ):
+        """Tokenizes each text with `tokenize_llava` (LLaVA's piecewise rule around `<image>`), truncates, pads.
 
-        # [IMPORTANT] tokenizing the whole string with `<image>` as a special token is NOT the same: SentencePiece
-        # tokenizers give the text after a separately-tokenized piece a leading "▁" (`<image>` then "\n" is
-        # ids 29871, 13 for Llama-2), which is what every LLaVA / InternVL-Chat / ShareGPT4V model was trained on.
-        """
-        rows = []
-        bos = self.tokenizer.bos_token
+        `return_offsets_mapping=True` adds `offset_mapping`: per token its (start, end) characters in the text
+        (image ids: their placeholder's range; BOS and padding: empty ranges), as transformers'
+        `apply_chat_template(..., return_assistant_tokens_mask=True)` needs."""
+        rows, row_offsets = [], []
         for text in texts:
-            add = add_special_tokens if add_special_tokens is not None else not (bos and text.startswith(bos))
-            pieces = text.split(self.image_token)
-            ids = []
-            for j, piece in enumerate(pieces):
-                if j > 0:
-                    ids.extend([self.image_token_id] * self.image_seq_length)
-                special = add and j == 0
-                if piece or special:
-                    ids.extend(self.tokenizer(piece, add_special_tokens=special)["input_ids"])
+            ids, offsets, _ = tokenize_llava(
+                self.tokenizer, text, self.image_token, self.image_token_id, self.image_seq_length, add_special_tokens
+            )
             if truncation and max_length is not None and len(ids) > max_length:
-                ids = ids[:max_length] if self.tokenizer.truncation_side == "right" else ids[-max_length:]
+                keep = (
+                    slice(None, max_length) if self.tokenizer.truncation_side == "right" else slice(-max_length, None)
+                )
+                ids, offsets = ids[keep], offsets[keep]
             rows.append(ids)
+            row_offsets.append(offsets)
         pad_kwargs = {
             k: kwargs[k] for k in ("pad_to_multiple_of", "padding_side", "return_attention_mask") if k in kwargs
         }
-        return self.tokenizer.pad({"input_ids": rows}, padding=padding, max_length=max_length, **pad_kwargs)
+        encoding = self.tokenizer.pad({"input_ids": rows}, padding=padding, max_length=max_length, **pad_kwargs)
+        if return_offsets_mapping:
+            side = kwargs.get("padding_side") or self.tokenizer.padding_side
+            padded = []
+            for ids, offsets in zip(encoding["input_ids"], row_offsets):
+                fill = [(0, 0)] * (len(ids) - len(offsets))
+                padded.append(fill + offsets if side == "left" else offsets + fill)
+            encoding["offset_mapping"] = padded
+        return encoding
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """transformers' `apply_chat_template`, with the template's BOS rule always applied when tokenizing.
+
+        # [IMPORTANT] the checkpoints were trained with the tokenizer's BOS in front of every sample unless the
+        # template writes it (llama3): TRL's collators pass `add_special_tokens=False` in `processor_kwargs` to
+        # avoid a double BOS, which for our BOS-less templates (vicuna_v1, phi3_instruct...) would drop it. Here
+        # BOS is added exactly when the rendered text does not start with it (`tokenize_llava`'s rule).
+        """
+        processor_kwargs = kwargs.get("processor_kwargs")
+        if isinstance(processor_kwargs, dict) and processor_kwargs.get("add_special_tokens") is False:
+            kwargs["processor_kwargs"] = {k: v for k, v in processor_kwargs.items() if k != "add_special_tokens"}
+        if kwargs.get("add_special_tokens") is False:
+            kwargs.pop("add_special_tokens")
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
+    def _adjust_assistant_masks_indices(self, processed_dict, generation_indices):
+        """`apply_chat_template(..., return_assistant_tokens_mask=True)`: assistant masks by our supervision rule.
+
+        # [IMPORTANT] transformers' own rule (>= 5.18) marks every token that *overlaps* a `{% generation %}` span;
+        # ours (`supervised_token_mask`) marks those that *start* in it, as the original label arithmetic and our
+        # training collator do, so a TRL `assistant_only_loss=True` run trains on exactly the same tokens. Our
+        # offsets are already in the coordinates of the rendered text (no placeholder shift to undo).
+        """
+        offset_mapping = processed_dict.pop("offset_mapping")
+        processed_dict.pop("text_replacement_offsets", None)
+        input_ids = processed_dict["input_ids"]
+        masks = []
+        for i in range(len(input_ids)):
+            ids = input_ids[i].tolist() if hasattr(input_ids[i], "tolist") else list(input_ids[i])
+            offsets = offset_mapping[i].tolist() if hasattr(offset_mapping[i], "tolist") else offset_mapping[i]
+            offsets = [(int(a), int(b)) for a, b in offsets]
+            images = [j for j, t in enumerate(ids) if t == self.image_token_id]
+            masks.append(supervised_token_mask(None, offsets, generation_indices[i], images))
+        processed_dict["assistant_masks"] = masks
+        return processed_dict
 
     def _images_per_sample(self, images, texts):
         if images is None:
