@@ -190,7 +190,57 @@ def test_dry_run_prints_plan_and_card_without_network(hub, model_dir, capsys):
     uploaded = {line.split()[1] for line in plan.splitlines() if line.startswith("  + ")}
     left_out = {line.split()[1] for line in plan.splitlines() if line.startswith("  - ")}
     assert uploaded == EXPECTED
-    assert {"pytorch_model.bin", "optimizer.pt", "training_args.bin", "checkpoint-100/model.safetensors"} <= left_out
+    assert {"pytorch_model.bin", "optimizer.pt", "training_args.bin", "checkpoint-100", "global_step100"} <= left_out
     card = ModelCard(card_text)
     assert card.data.license == "mit" and card.data.library_name == "transformers"
     assert push_module.PIN_PLACEHOLDER in card.text
+
+
+@pytest.fixture
+def hostile_dir(model_dir, tmp_path):
+    """The model folder plus what must never leave the machine: dotfiles, links out of the folder, stray files."""
+    secrets = tmp_path / "home"
+    (secrets / ".ssh").mkdir(parents=True)
+    (secrets / ".ssh" / "id_rsa").write_text("PRIVATE KEY")
+    (secrets / "notes.json").write_text('{"token": "hf_secret"}')
+    (model_dir / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (model_dir / ".hidden").mkdir()
+    (model_dir / ".hidden" / "config.json").write_text("{}")
+    (model_dir / "leak.json").symlink_to(secrets / "notes.json")  # a model-file name, target outside
+    (model_dir / "ssh").symlink_to(secrets / ".ssh", target_is_directory=True)
+    (model_dir / "alias.json").symlink_to(model_dir / "config.json")  # stays inside: fine
+    (model_dir / "train.log").write_text("loss 1.0\n")
+    (model_dir / "adapter").mkdir()
+    (model_dir / "adapter" / "adapter_config.json").write_text("{}")
+    return model_dir
+
+
+def test_upload_plan_keeps_only_model_files_inside_the_folder(hostile_dir):
+    files, skipped = push_module.upload_plan(hostile_dir)
+    assert {str(p) for p in files} == EXPECTED | {"alias.json", "adapter/adapter_config.json"}
+    reasons = {str(p): why for p, why in skipped}
+    assert reasons[".env"] == "hidden file" and reasons[".hidden"] == "hidden folder"
+    assert reasons["leak.json"] == "symlink to a file outside the folder"
+    assert reasons["ssh"] == "symlinked folder, not followed"
+    assert reasons["train.log"] == "not a model file"
+
+
+def test_hostile_folder_upload_sends_no_secret(hub, hostile_dir):
+    push_module.push(hostile_dir, "me/tiny", token="hf_test", **CARD_ARGS)
+    files = hub.commits[0]
+    assert set(files) == EXPECTED | {"alias.json", "adapter/adapter_config.json"}
+    sent = b"".join(data for kind, data in files.values() if kind == "regular") + b"".join(hub.lfs_puts.values())
+    assert b"hf_secret" not in sent and b"PRIVATE KEY" not in sent
+
+
+def test_dry_run_lists_what_is_left_out_and_why(hub, hostile_dir, capsys):
+    assert push_module.main([str(hostile_dir), "--repo-id", "me/tiny", "--dry-run"]) == 0
+    assert hub.requests == []
+    plan = capsys.readouterr().out.split("\n\n", 1)[0]
+    left_out = {
+        line.split()[1]: line.split("(left out: ", 1)[1] for line in plan.splitlines() if line.startswith("  - ")
+    }
+    assert left_out[".env"] == "hidden file)" and left_out["leak.json"] == "symlink to a file outside the folder)"
+    assert left_out["ssh"] == "symlinked folder, not followed)"
+    uploaded = {line.split()[1] for line in plan.splitlines() if line.startswith("  + ")}
+    assert ".env" not in uploaded and "leak.json" not in uploaded

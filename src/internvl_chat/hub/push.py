@@ -10,9 +10,13 @@ its body has the exact loading snippet with `trust_remote_code=True` and a pinne
 `HfApi.create_repo` and two `create_commit`s: the model files first, then README.md whose snippet pins the commit
 of those files (a card cannot name the commit it is part of).
 
-Left out of the upload: pickles (`*.bin`, `*.pt`, `*.pth`, `*.pkl`, `*.ckpt`), optimizer / scheduler / RNG states,
-`training_args.bin`, DeepSpeed `global_step*` folders and `checkpoint-*` folders of a run in progress, logs and
-caches. `--dry-run` prints the file plan and the card and touches no network.
+Uploaded: model files only (weights as safetensors, JSON configs, remote code `*.py`, chat templates, tokenizer
+files), walking the folder without following symlinks out of it. Left out, each with its reason in `--dry-run`:
+hidden files and folders (`.env`, `.git`, `.cache`...), symlinks that point outside the folder and symlinked
+folders, pickles (`*.bin`, `*.pt`, `*.pth`, `*.pkl`, `*.ckpt`), optimizer / scheduler / RNG states,
+`training_args.bin`, DeepSpeed `global_step*` folders and `checkpoint-*` folders of a run in progress, logs,
+caches, and any other file that is not a model file. `--dry-run` prints the file plan and the card and touches no
+network.
 
 Eval results (`--eval-results`, default `DIR/eval_results.json` when present): either
 `{"results": {"textvqa": {"accuracy": 58.2}, "pope": {"f1": 85.9}}}` (also without the "results" level) or a list
@@ -25,6 +29,7 @@ import argparse
 import fnmatch
 import json
 import logging
+import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -51,25 +56,67 @@ EXCLUDE_PATTERNS = (
     "runs",
     "wandb",
     "__pycache__",
-    ".git",
-    ".cache",
-    ".gitattributes",
     "README.md",  # written by us
+)
+# What a model folder holds (matched against the file name): only these are uploaded.
+MODEL_FILES = (
+    "*.safetensors",
+    "*.json",
+    "*.py",
+    "*.jinja",
+    "*.model",  # sentencepiece
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
 )
 PIN_PLACEHOLDER = "<commit of the model files, filled in on upload>"
 
 
-def upload_plan(folder: str | Path) -> tuple[list[Path], list[Path]]:
-    """(files to upload, files left out), as paths relative to `folder`."""
+def _leaves_folder(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+    except ValueError:
+        return True
+    return False
+
+
+def upload_plan(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(files to upload, [(file or folder left out, why)]), as paths relative to `folder`."""
     folder = Path(folder)
+    root = folder.resolve()
     keep, skip = [], []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder)
-        if any(fnmatch.fnmatch(part, pattern) for part in rel.parts for pattern in EXCLUDE_PATTERNS):
-            skip.append(rel)
-        else:
-            keep.append(rel)
-    return keep, skip
+    # [IMPORTANT] os.walk(followlinks=False) never enters a symlinked folder; a symlinked file is uploaded only when
+    # its target is inside the folder, so a link to ~/.ssh or /etc never leaves the machine.
+    for current, dirs, files in os.walk(folder, followlinks=False):
+        here = Path(current)
+        for name in sorted(dirs):
+            rel = (here / name).relative_to(folder)
+            reason = None
+            if name.startswith("."):
+                reason = "hidden folder"
+            elif (here / name).is_symlink():
+                reason = "symlinked folder, not followed"
+            elif any(fnmatch.fnmatch(name, pattern) for pattern in EXCLUDE_PATTERNS):
+                reason = "training-run leftover or cache"
+            if reason:
+                skip.append((rel, reason))
+                dirs.remove(name)
+        for name in sorted(files):
+            path = here / name
+            rel = path.relative_to(folder)
+            if name.startswith("."):
+                skip.append((rel, "hidden file"))
+            elif path.is_symlink() and _leaves_folder(path, root):
+                skip.append((rel, "symlink to a file outside the folder"))
+            elif not path.is_file():
+                skip.append((rel, "not a regular file"))
+            elif any(fnmatch.fnmatch(name, pattern) for pattern in EXCLUDE_PATTERNS):
+                skip.append((rel, "pickle, training state or written by push"))
+            elif not any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES):
+                skip.append((rel, "not a model file"))
+            else:
+                keep.append(rel)
+    return sorted(keep), sorted(skip)
 
 
 def _read_json(path: Path) -> dict:
@@ -185,7 +232,11 @@ def push(
         results_path = folder / "eval_results.json"
     files, skipped = upload_plan(folder)
     card_args = dict(base_model=base_model, datasets=datasets, license=license, results_path=results_path)
-    result = {"repo_id": repo_id, "files": [str(p) for p in files], "skipped": [str(p) for p in skipped]}
+    result = {
+        "repo_id": repo_id,
+        "files": [str(p) for p in files],
+        "skipped": [{"path": str(p), "reason": why} for p, why in skipped],
+    }
     if dry_run:
         result["card"] = str(model_card(folder, repo_id, None, **card_args))
         return result
@@ -241,7 +292,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         lines = [f"would upload {len(result['files'])} files to {args.repo_id}:"]
         lines += [f"  + {p}  ({(Path(args.folder) / p).stat().st_size} bytes)" for p in result["files"]]
-        lines += [f"  - {p}  (left out)" for p in result["skipped"]]
+        lines += [f"  - {s['path']}  (left out: {s['reason']})" for s in result["skipped"]]
         print("\n".join(lines) + "\n\n" + result["card"])
     else:
         print(json.dumps({k: v for k, v in result.items() if k != "card"}, indent=2))
