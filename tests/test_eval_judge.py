@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from internvl_chat import cli
 from internvl_chat.eval.judge import JudgeClient, JudgeItemError
 from internvl_chat.eval.report import task_details
 from internvl_chat.eval.run import evaluate, main
@@ -201,7 +202,7 @@ def test_mmvet_as_the_official_evaluator(judge, tmp_path):
     assert "| rec_math | 90.0 |" in report and "without a readable score: 1 (v1_0)" in report
 
 
-def test_failing_judge_is_one_line_and_a_rerun_resumes(judge, tmp_path, monkeypatch):
+def test_failing_judge_is_one_line_and_a_rerun_resumes(judge, tmp_path, capsys):
     data = _mmvet(tmp_path / "mm-vet")
     out = tmp_path / "out"
     _answer_file(out, "mmvet", {int(k[3:]): "an answer" for k in MMVET})
@@ -210,16 +211,16 @@ def test_failing_judge_is_one_line_and_a_rerun_resumes(judge, tmp_path, monkeypa
         return (500, "overloaded") if "Which brand?" in body["messages"][0]["content"] else (200, "1.0")
 
     judge.script = staticmethod(broken)
-    argv = ["--task", "mmvet", "--data", str(data), "--output", str(out)]
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    message = str(exc.value)
-    assert "\n" not in message and "v1_2" in message and "cached" in message and "rerun" in message
+    argv = ["eval", "--task", "mmvet", "--data", str(data), "--output", str(out)]
+    assert cli.main(argv) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and message.startswith("error: mmvet: the judge failed on item v1_2")
+    assert "cached" in message and "rerun" in message
     assert sum("Which brand?" in b["messages"][0]["content"] for b in judge.log) == 7  # 1 + 6 SDK retries
 
     judge.log.clear()
     judge.script = staticmethod(lambda body: (200, "1.0"))
-    assert main(argv) == 0
+    assert cli.main(argv) == 0
     # Only the failed item is judged again; the others come from the cache.
     assert len(judge.log) == 1 and "Which brand?" in judge.log[0]["messages"][0]["content"]
     assert json.loads((out / "mmvet" / "scores.json").read_text())["main"] == 100.0

@@ -205,12 +205,8 @@ def main(argv=None) -> int:
         return 0
     if not args.task or not args.data:
         raise SystemExit("--task and --data are required (see --list-tasks)")
-    from .judge import JudgeError
-
-    try:
-        result = _evaluate_args(args)
-    except JudgeError as err:  # already one line naming the item and how to resume
-        raise SystemExit(f"error: {err}") from None
+    # A JudgeError (one line naming the item and how to resume) is a user error for `internvl-chat`: no traceback.
+    result = _evaluate_args(args)
     summary = {k: result[k] for k in ("main", "metric", "count", "submission", "report") if k in result}
     print(json.dumps({"task": args.task, **summary}, indent=2, ensure_ascii=False))
     return 0
