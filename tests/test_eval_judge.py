@@ -303,3 +303,24 @@ def test_trust_remote_code_reaches_the_loader(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         main(argv)
     assert seen["trust_remote_code"] is False
+
+
+# ------------------------------------------------------------------------------------------ MMBench judge fallback
+def test_mmbench_judge_fallback_uses_vlmevalkit_prompt(judge, tmp_path):
+    frame = pd.DataFrame(
+        {"index": ["0", "1"], "question": ["What animal?", "这是什么动物?"], "A": ["dog", "狗"], "B": ["cat", "猫"]}
+    )
+    frame["answer"], frame["image"], frame["category"] = "B", "x", "rec"
+    frame.to_csv(tmp_path / "mmbench.tsv", sep="\t", index=False)
+    out = tmp_path / "out"
+    long = "I would say it is the animal that purrs and sleeps on the sofa all day when it is not hungry"
+    _answer_file(out, "mmbench", {0: long, 1: long})
+    judge.script = staticmethod(lambda body: (200, "B"))
+    result = evaluate("mmbench", str(tmp_path / "mmbench.tsv"), output=str(out), judge=JudgeClient.from_env())
+    assert result["main"] == 100.0 and result["unparsed"] == 0  # both read through the judge's reply
+    english, chinese = (b["messages"][0]["content"] for b in judge.log)
+    assert english.endswith(
+        "Question: What animal??\nOptions: There are several options: \nA. dog\nB. cat\n\nAnswer: " + long
+        + "\nYour output: "
+    )  # fmt: skip
+    assert chinese.startswith("你是一个帮助我匹配答案") and "问题: 这是什么动物??" in chinese

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,6 +76,19 @@ MMBENCH_EXTRACT_PROMPT = (
     "Answer: a cute teddy bear\nYour output: A\nExample 2: \nQuestion: What is the main object in image?\n"
     "Options: A. teddy bear B. rabbit C. cat D. dog\nAnswer: Spider\nYour output: Z\nExample 3: \n"
     "Question: {}?\nOptions: {}\nAnswer: {}\nYour output: "
+)
+# VLMEvalKit's Chinese template, used when the question holds CJK characters.
+MMBENCH_EXTRACT_PROMPT_CN = (
+    "你是一个帮助我匹配答案与单选题中多个选项的 AI 助手。"
+    "你会被提供：一个问题，多个选项，一个答案。你的任务是找到与答案意义最相近的选项。"
+    "如果所有选项的意义都与答案显著不同，则输出 Z。"
+    "你应该输出一个单个的大写字母，例如 A, B, C, D（如果它们是有效选项），或 Z。"
+    "例 1:"
+    "问题: 图中最主要的物体是什么?\n选项: A. 泰迪熊 B. 兔子 C. 猫 D. 狗\n答案: 一只可爱的泰迪熊\n输出: A\n"
+    "例 2: \n"
+    "问题: 图中最主要的物体是什么?\n选项: A. 泰迪熊 B. 兔子 C. 猫 D. 狗\n答案: 蜘蛛\n输出: Z\n"
+    "例 3: \n"
+    "问题: {}?\n选项: {}\n答案: {}\n输出: "
 )
 
 
@@ -302,10 +316,18 @@ def judge_llava_bench(client: JudgeClient, pairs) -> list[dict]:
     return client.map(one, list(pairs))
 
 
+def mcq_extract_prompt(question: str, choices: dict, answer: str) -> str:
+    """VLMEvalKit's matching prompt: the question as given (the template adds "?"), the options as its
+    ``build_option_str`` lists them, the Chinese template for questions with CJK characters."""
+    options = "There are several options: \n" + "".join(f"{k}. {v}\n" for k, v in choices.items())
+    template = MMBENCH_EXTRACT_PROMPT_CN if re.search("[\u4e00-\u9fff]", question) else MMBENCH_EXTRACT_PROMPT
+    return template.format(question, options, answer)
+
+
 def judge_mcq_letter(client: JudgeClient, question: str, choices: dict, answer: str) -> str | None:
-    """MMBench's ChatGPT fallback: ask which option the answer means; the reply is read with the same rules."""
-    options = " ".join(f"{k}. {v}" for k, v in choices.items())
-    prompt = MMBENCH_EXTRACT_PROMPT.format(question.strip().rstrip("?").strip(), options, answer)
-    reply = client.chat([{"role": "user", "content": prompt}], temperature=0.0, max_tokens=16)
+    """MMBench's judge fallback (VLMEvalKit): ask which option the answer means and read the reply with the same
+    rules. VLMEvalKit asks up to three times and then picks a random option; with a deterministic, cached judge a
+    second identical request gives the same reply, so one request is made and an unreadable reply counts wrong."""
+    reply = client.chat([{"role": "user", "content": mcq_extract_prompt(question, choices, answer)}], temperature=0.0)
     letter = metrics.mcq_extract(reply, choices)
     return letter if letter in choices else None
