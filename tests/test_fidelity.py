@@ -207,8 +207,8 @@ def original(name, tokenizer, conversation):
 
 def ours(name, tokenizer, conversation):
     messages = [{"role": "user" if who == "human" else "assistant", "content": value} for who, value in conversation]
-    kwargs = {"double_bos": True} if name == "llama3" else {}
-    out = encode_chat(tokenizer, messages, name, image_token="<image>", image_token_id=IMAGE, **kwargs)
+    # No template variable: llama3's default is the original's double BOS.
+    out = encode_chat(tokenizer, messages, name, image_token="<image>", image_token_id=IMAGE)
     labels = [t if m else IGNORE for t, m in zip(out["input_ids"], out["assistant_masks"])]
     return out["input_ids"], labels
 

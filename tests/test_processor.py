@@ -126,13 +126,16 @@ def test_tokenizer_without_image_token_is_refused():
         InternVLChatProcessor(image_processor=InternVLChatImageProcessor(), tokenizer=tok)
 
 
-def test_llama3_prompt_gets_a_single_bos_unless_asked():
+def test_llama3_prompt_gets_the_double_bos_of_the_original_unless_switched_off():
+    """LLaVAR-2 Llama-3.1 was trained on [128000, 128000, ...] (LLaVA-pp's llama3 preprocessing): the preset's
+    processor reproduces it by default, `double_bos=False` gives one BOS."""
     tokenizer, _ = prepare_tokenizer(str(TOKENIZERS / "llama-3.1"), 4096)
     proc = build_processor("llavar2-llama3.1-8b", tokenizer, N, tiny=True)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
-    assert prompt.startswith("<|begin_of_text|>")
-    ids = proc(images=[image()], text=prompt)["input_ids"][0]
-    assert ids[:2] == [128000, 128006]  # one BOS, then <|start_header_id|>
-    doubled = proc(images=[image()], text=prompt, add_special_tokens=True)["input_ids"][0]
-    assert doubled[:2] == [128000, 128000]  # the original's double BOS, on request
+    assert proc(images=[image()], text=prompt)["input_ids"][0][:3] == [128000, 128000, 128006]
+    single = proc.apply_chat_template(messages, add_generation_prompt=True, double_bos=False)
+    assert proc(images=[image()], text=single)["input_ids"][0][:2] == [128000, 128006]
+    messages[0]["content"][0] = {"type": "image", "image": image()}
+    out = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert out["input_ids"][0][:3] == [128000, 128000, 128006]

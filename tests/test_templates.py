@@ -150,21 +150,29 @@ EXPECTED = {
         "<|user|>\n<image>\nWhat is in the image?<|end|>\n<|assistant|>\n",
     },
     "llama3": {
-        "single": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + VICUNA + "<|eot_id|>"
+        "single": "<|begin_of_text|><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        + VICUNA
+        + "<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the image?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>",
-        "multi": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + VICUNA + "<|eot_id|>"
+        "multi": "<|begin_of_text|><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        + VICUNA
+        + "<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the image?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nWhat color is it?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nBlack.<|eot_id|>",
-        "text": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + VICUNA + "<|eot_id|>"
+        "text": "<|begin_of_text|><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        + VICUNA
+        + "<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nHello!<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nHi there.<|eot_id|>",
-        "system": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "system": "<|begin_of_text|><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the image?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>",
-        "prompt": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + VICUNA + "<|eot_id|>"
+        "prompt": "<|begin_of_text|><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        + VICUNA
+        + "<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the image?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
     },
@@ -414,8 +422,8 @@ def test_llama3_mask_and_bos(tokenizers):
     out = encode_chat(tok, MULTI, "llama3")
     assert out["text"] == EXPECTED["llama3"]["multi"]
     ids = out["input_ids"]
-    # The text starts with <|begin_of_text|>, so the tokenizer adds no second one.
-    assert ids[0] == 128000 and ids.count(128000) == 1
+    # Two BOS by default (LLaVA-pp's input); the text starts with BOS, so the tokenizer adds no third.
+    assert ids[:3] == [128000, 128000, 128006] and ids.count(128000) == 2
     _check(
         tok,
         out,
@@ -423,20 +431,17 @@ def test_llama3_mask_and_bos(tokenizers):
         "<|eot_id|>",
         ["A", "Ġcat", ".", "<|eot_id|>", "Black", ".", "<|eot_id|>"],
     )
-    # Forcing special tokens reproduces the original double BOS too.
-    forced = encode_chat(tok, MULTI, "llama3", add_special_tokens=True)
-    assert forced["input_ids"][:2] == [128000, 128000]
 
 
-def test_llama3_double_bos_option(tokenizers):
+def test_llama3_single_bos_switch(tokenizers):
     tok = tokenizers["llama-3.1"]
-    text = render_chat(MULTI, "llama3", double_bos=True)
-    assert text == "<|begin_of_text|>" + EXPECTED["llama3"]["multi"]
-    out = encode_chat(tok, MULTI, "llama3", double_bos=True)
-    assert out["input_ids"][:2] == [128000, 128000] and out["input_ids"][2] != 128000
-    assert out["input_ids"].count(128000) == 2
+    text = render_chat(MULTI, "llama3", double_bos=False)
+    assert "<|begin_of_text|>" + text == EXPECTED["llama3"]["multi"]
+    assert render_chat(MULTI, "llama3", double_bos=True) == EXPECTED["llama3"]["multi"]
+    out = encode_chat(tok, MULTI, "llama3", double_bos=False)
+    assert out["input_ids"][:2] == [128000, 128006] and out["input_ids"].count(128000) == 1
     assert sum(out["assistant_masks"]) == 7
-    rendered = tok.apply_chat_template(MULTI, chat_template=get_template("llama3"), tokenize=False, double_bos=True)
+    rendered = tok.apply_chat_template(MULTI, chat_template=get_template("llama3"), tokenize=False, double_bos=False)
     assert rendered == text
 
 
