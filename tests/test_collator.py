@@ -126,7 +126,7 @@ CASES = {
         MULTI,
         [
             (
-                f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{VICUNA_SYS}<|eot_id|>"
+                f"<|begin_of_text|><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{VICUNA_SYS}<|eot_id|>"
                 "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the image?<|eot_id|>"
                 "<|start_header_id|>assistant<|end_header_id|>\n\n",
                 False,
