@@ -316,8 +316,11 @@ def test_mmbench_judge_fallback_uses_vlmevalkit_prompt(judge, tmp_path):
     long = "I would say it is the animal that purrs and sleeps on the sofa all day when it is not hungry"
     _answer_file(out, "mmbench", {0: long, 1: long})
     judge.script = staticmethod(lambda body: (200, "B"))
-    result = evaluate("mmbench", str(tmp_path / "mmbench.tsv"), output=str(out), judge=JudgeClient.from_env())
+    plain = evaluate("mmbench", str(tmp_path / "mmbench.tsv"), output=str(out))
+    assert plain["main"] == 0.0 and plain["unparsed"] == 2 and judge.log == []  # exact matching by default
+    result = evaluate("mmbench", str(tmp_path / "mmbench.tsv"), output=str(out), options={"judge": "true"})
     assert result["main"] == 100.0 and result["unparsed"] == 0  # both read through the judge's reply
+    assert result["judge_model"] == "gpt-3.5-turbo-0125" == judge.log[0]["model"] and result["judge_asked"] == 2
     english, chinese = (b["messages"][0]["content"] for b in judge.log)
     assert english.endswith(
         "Question: What animal??\nOptions: There are several options: \nA. dog\nB. cat\n\nAnswer: " + long

@@ -35,7 +35,7 @@ from . import metrics
 logger = logging.getLogger(__name__)
 
 # The judge each official grader uses (recorded in the scores; INTERNVL_JUDGE_MODEL overrides).
-DEFAULT_JUDGES = {"mmvet": "gpt-4-0613", "llava_bench": "gpt-4-0314"}
+DEFAULT_JUDGES = {"mmvet": "gpt-4-0613", "llava_bench": "gpt-4-0314", "mmbench": "gpt-3.5-turbo-0125"}
 MMVET_MAX_TRIES = 5  # the evaluator gives 0.0 once its try counter passes 5 (five re-asks after the first answer)
 
 MMVET_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.

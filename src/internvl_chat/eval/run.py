@@ -13,7 +13,7 @@ chat template (``--template`` to override), greedy decoding, the task's prompt s
 of ``model.generate`` (faster on a GPU; same answers up to fp16 near-ties, see ``internvl_chat.eval.runner``). Task
 options: ``--option key=value`` (e.g. ``protocol=vqa_eval`` for ``vqav2``, ``variant=internvl`` for ``chartqa``,
 ``metric=contains`` for ``docvqa``, ``metric=fscore`` for ``funsd`` / ``sroie``, ``rotate=true`` /
-``extract=llava`` / ``verbose=true`` for ``mmbench``, ``failed=random`` for ``scienceqa``, ``all=true`` for
+``extract=llava`` / ``verbose=true`` / ``judge=true`` for ``mmbench``, ``failed=random`` for ``scienceqa``, ``all=true`` for
 ``seed``). Judged tasks read the judge endpoint from the environment (see ``internvl_chat.eval.judge``); a judge
 that keeps failing ends the run with one line naming the item (finished judgements are cached: rerun to resume).
 ``--trust-remote-code`` lets a model folder of another model type run its own code.
@@ -114,7 +114,9 @@ def evaluate(
     store.finalize([s.key for s in samples])
     preds = store.texts()
 
-    if task.judged and judge is None:
+    # MMBench-style tasks ask a judge only on request (--option judge=true), as VLMEvalKit's exact_matching default.
+    wants_judge = task.judged or str(ctx.options.get("judge", "false")).lower() in ("1", "true", "yes")
+    if wants_judge and judge is None:
         from .judge import JudgeClient
 
         judge = JudgeClient.from_env(

@@ -151,10 +151,11 @@ def read_mmbench(ctx: TaskContext, lang: str = "en") -> list[Sample]:
 def score_mmbench(samples, preds, ctx) -> dict:
     method = ctx.options.get("extract", "vlmevalkit")
     verbose = option_on(ctx, "verbose")
-    records, unparsed = [], 0
+    records, unparsed, asked = [], 0, 0
     for s, p in scored(samples, preds):
         letter = metrics.mmbench_extract(p, s.meta["choices"], method, verbose=verbose)
         if letter is None and ctx.judge is not None:
+            asked += 1
             from ..judge import judge_mcq_letter
 
             letter = judge_mcq_letter(ctx.judge, s.meta["row"].get("question", ""), s.meta["choices"], p)
@@ -170,7 +171,10 @@ def score_mmbench(samples, preds, ctx) -> dict:
     if not records:
         return no_ground_truth(samples)
     out = metrics.mmbench_circular(records)
-    return {"main": out.pop("accuracy"), "metric": f"circular accuracy ({method})", "unparsed": unparsed, **out}
+    result = {"main": out.pop("accuracy"), "metric": f"circular accuracy ({method})", "unparsed": unparsed, **out}
+    if ctx.judge is not None:
+        result.update(judge_model=ctx.judge.model, judge_asked=asked)
+    return result
 
 
 def submit_mmbench(samples, preds, ctx, out_dir) -> str:
