@@ -13,9 +13,10 @@ chat template (``--template`` to override), greedy decoding, the task's prompt s
 of ``model.generate`` (faster on a GPU; same answers up to fp16 near-ties, see ``internvl_chat.eval.runner``). Task
 options: ``--option key=value`` (e.g. ``protocol=vqa_eval`` for ``vqav2``, ``variant=internvl`` for ``chartqa``,
 ``metric=contains`` for ``docvqa``, ``metric=fscore`` for ``funsd`` / ``sroie``, ``rotate=true`` /
-``extract=llava`` / ``verbose=true`` / ``judge=true`` for ``mmbench``, ``failed=random`` for ``scienceqa``, ``all=true`` for
-``seed``). Judged tasks read the judge endpoint from the environment (see ``internvl_chat.eval.judge``); a judge
-that keeps failing ends the run with one line naming the item (finished judgements are cached: rerun to resume).
+``extract=llava`` / ``verbose=true`` / ``judge=true`` for ``mmbench``, ``failed=random`` for ``scienceqa``,
+``all=true`` for ``seed``). Judged tasks read the judge endpoint from the environment (see
+``internvl_chat.eval.judge``); a judge that keeps failing ends the run with one line naming the item (finished
+judgements are cached: rerun to resume).
 ``--trust-remote-code`` lets a model folder of another model type run its own code.
 """
 
