@@ -564,3 +564,19 @@ def test_lone_space_token_before_a_digit_answer_is_supervised():
     out = encode_chat(tok, messages, "vicuna_v1")
     supervised = [tok.convert_ids_to_tokens(i) for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
     assert supervised == ["▁", "7", "</s>", "▁A", "▁cat", ".", "</s>"]
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_llama_2"])
+def test_templates_saved_by_earlier_versions_are_upgraded(tokenizers, name):
+    """Older saved templates had the separator space outside the answer span: same text, same mask once loaded."""
+    old = (
+        get_template(name)
+        .replace(
+            "{{- 'ASSISTANT:' -}}\n{%- generation -%}\n{{- ' ' ~ turn(",
+            "{{- 'ASSISTANT: ' -}}\n{%- generation -%}\n{{- turn(",
+        )
+        .replace("{%- generation -%}\n{{- ' ' ~ turn(", "{{- ' ' -}}\n{%- generation -%}\n{{- turn(")
+    )
+    assert old != get_template(name) and render_chat(MULTI, old) == render_chat(MULTI, name)
+    tok = tokenizers["vicuna-v1.5"]
+    assert encode_chat(tok, MULTI, old) == encode_chat(tok, MULTI, name)

@@ -18,6 +18,25 @@ from .image_processing_internvl_chat import PREPROCESS_OPTIONS
 logger = logging.get_logger(__name__)
 
 
+# Chat templates saved by earlier versions of this package put the separator space after `ASSISTANT:` / `[/INST]`
+# outside `{% generation %}`; with the start-inside rule its `▁Blue` token would fall out of the answer. The
+# rendered text is the same either way, so such a saved template is upgraded when loaded.
+_SEPARATOR_OUTSIDE_SPAN = {
+    "{{- 'ASSISTANT: ' -}}\n{%- generation -%}\n{{- turn(": (
+        "{{- 'ASSISTANT:' -}}\n{%- generation -%}\n{{- ' ' ~ turn("
+    ),
+    "{{- ' ' -}}\n{%- generation -%}\n{{- turn(": "{%- generation -%}\n{{- ' ' ~ turn(",
+}
+
+
+def upgrade_chat_template(source):
+    """`source` with the separator space moved into the answer span (same text); other templates unchanged."""
+    if isinstance(source, str):
+        for old, new in _SEPARATOR_OUTSIDE_SPAN.items():
+            source = source.replace(old, new)
+    return source
+
+
 def tokenize_llava(tokenizer, text, image_token, image_token_id, image_seq_length, add_special_tokens=None):
     """LLaVA's `tokenizer_image_token`, with character offsets: the one piecewise tokenization of the package.
 
@@ -141,7 +160,7 @@ class InternVLChatProcessor(ProcessorMixin):
                     "the model's embeddings."
                 )
             self.image_token_id = token_id
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        super().__init__(image_processor, tokenizer, chat_template=upgrade_chat_template(chat_template))
 
     def __call__(self, images=None, text=None, return_tensors=None, **kwargs) -> BatchFeature:
         """Tokenizes `text` (str or list) with `<image>` expanded and preprocesses `images`.

@@ -43,7 +43,7 @@ import dataclasses
 from importlib import resources
 from typing import Any
 
-from ..modeling.processing_internvl_chat import supervised_token_mask, tokenize_llava
+from ..modeling.processing_internvl_chat import supervised_token_mask, tokenize_llava, upgrade_chat_template
 
 __all__ = [
     "ALIASES",
@@ -178,7 +178,7 @@ def drops_leading_assistant(messages: list[dict[str, Any]]) -> bool:
 def _template_source(template: str) -> str:
     # A registered name, or a jinja source (anything containing a jinja tag) used as is.
     if "{%" in template or "{{" in template:
-        return template
+        return upgrade_chat_template(template)
     return get_template(template)
 
 
