@@ -28,7 +28,19 @@ writers) and one module per benchmark family: `vqa`, `yesno` (POPE, MME), `mcq` 
 from __future__ import annotations
 
 from ..judge import DEFAULT_JUDGES
-from .base import Sample, Task, TaskContext, ensure_unique_keys
+from .base import (
+    LETTERS,
+    MC_SUFFIX,
+    MC_SUFFIX_CN,
+    MME_YES_NO,
+    OCR_PREFIX,
+    SHORT_ANSWER,
+    VIZWIZ_UNANSWERABLE,
+    Sample,
+    Task,
+    TaskContext,
+    ensure_unique_keys,
+)
 from .files import decode_image, load_records
 from .judged import read_llava_bench, read_mmvet, score_llava_bench, score_mmvet, submit_mmvet
 from .mcq import (
@@ -62,7 +74,23 @@ from .vqa import (
 )
 from .yesno import POPE_CATEGORIES, read_mme, read_pope, score_mme, score_pope
 
-__all__ = ["TASKS", "Sample", "Task", "TaskContext", "decode_image", "ensure_unique_keys", "get_task", "load_records"]
+__all__ = [
+    "LETTERS",
+    "MC_SUFFIX",
+    "MC_SUFFIX_CN",
+    "MME_YES_NO",
+    "OCR_PREFIX",
+    "SHORT_ANSWER",
+    "TASKS",
+    "VIZWIZ_UNANSWERABLE",
+    "Sample",
+    "Task",
+    "TaskContext",
+    "decode_image",
+    "ensure_unique_keys",
+    "get_task",
+    "load_records",
+]
 
 
 def _t(name, family, description, read, score, **kwargs) -> Task:
