@@ -759,6 +759,9 @@ def mmvet_scores(records: Iterable[Mapping], decimals: int = 1) -> dict:
         },
         "capability_counts": dict(counter.most_common()),
         "capability_integration_counts": {combo_names[i]: combo_counts[i] for i in order},
+        # the tables' column orders (JSON writers may sort the keys above)
+        "capability_order": [c for c, _ in counter.most_common()],
+        "capability_integration_order": [combo_names[i] for i in order],
     }
 
 

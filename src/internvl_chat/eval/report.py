@@ -119,8 +119,11 @@ def task_details(task: str, result: dict) -> list[str]:
             lines.append(f"| {k} | {_fmt(rel)} | {_fmt(v['reference'])} | {_fmt(v['model'])} |")
         lines += ["", f"- reviews without two scores (counted [-1, -1]): {result.get('judge_unparsed', 0)}"]
     if "capability_integration" in result:
-        lines += ["", *_table(result["capabilities"], "capability")]
-        lines += ["", *_table(result["capability_integration"], "capability integration"), ""]
+        for key, head in (("capabilities", "capability"), ("capability_integration", "capability integration")):
+            table = result[key]
+            order = result.get(key.replace("capabilities", "capability") + "_order") or list(table)
+            lines += ["", *_table({k: table[k] for k in order if k in table}, head)]
+        lines.append("")
         lines.append(
             f"- items scored 0.0 after five re-asks without a readable score: {result.get('judge_fallbacks', 0)}"
             + (f" ({', '.join(result['judge_fallback_items'])})" if result.get("judge_fallback_items") else "")
