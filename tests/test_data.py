@@ -257,6 +257,30 @@ def test_drop_bad_images(bad_dir):
     assert [s["id"] for s in kept.samples] == ["img-1"] and kept.read_stats["skipped_image"] == 2
 
 
+def test_hf_view_serves_the_datasets_items(bad_dir):
+    """The HF view (what TRL's SFTTrainer gets) returns the torch dataset's items: decoded images, and a bad image
+    replaced by the next good sample under on_error="skip" (raised under "raise"), one row or a batch."""
+    import datasets
+
+    from internvl_chat.data.dataset import hf_view
+
+    folder, images = bad_dir
+    path = folder / "mixed.json"
+    path.write_text(json.dumps([CLEAN_RECORDS[0], BAD["missing_image"], CLEAN_RECORDS[3]]))
+    dataset = VisionChatDataset.from_file(path, image_folder=images, on_error="skip")
+    view = hf_view(dataset, {"modality_length": dataset.modality_lengths})
+    assert isinstance(view, datasets.Dataset) and len(view) == 3
+    assert [row["id"] for row in view] == ["img-1", "cap-1", "cap-1"]
+    assert view[1]["images"][0].size == (20, 16) and view[1]["modality_length"] == dataset.modality_lengths[1]
+    assert [row["id"] for row in view.__getitems__([2, 0])] == ["cap-1", "img-1"]  # the DataLoader's batch fetch
+    assert list(view["modality_length"]) == dataset.modality_lengths
+    strict = hf_view(VisionChatDataset.from_file(path, image_folder=images))
+    with pytest.raises(DataError, match="bad-missing"):
+        strict[1]
+    with pytest.raises(ValueError, match="modality_length"):
+        hf_view(dataset, {"modality_length": [1]})
+
+
 def test_bad_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(CLEAN_RECORDS[1]) + "\n{not json\n")

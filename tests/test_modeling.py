@@ -250,10 +250,24 @@ def test_supervised_cross_entropy_reductions_share_the_arithmetic(tiny_model):
 
 
 def test_frozen_tower_runs_without_autograd(tiny_model):
+    """A frozen tower records no graph even when its inputs are made to require grad (what the Trainer's
+    `enable_input_require_grads` does for gradient checkpointing / PEFT); a trainable tower records one."""
     tiny_model.train()
-    tiny_model.model.vision_tower.requires_grad_(False)
+    tiny_model.enable_input_require_grads()
+    outputs = []
+    hook = tiny_model.model.vision_tower.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
     ids, pixel_values = sample_inputs()
-    features = tiny_model.model.get_image_features(pixel_values)
+    try:
+        tiny_model.model.vision_tower.requires_grad_(False)
+        features = tiny_model.model.get_image_features(pixel_values)
+        tiny_model.model.vision_tower.requires_grad_(True)
+        tiny_model.model.get_image_features(pixel_values)
+    finally:
+        hook.remove()
+        tiny_model.disable_input_require_grads()
+    frozen, trainable = outputs
+    assert frozen.grad_fn is None and not frozen.requires_grad
+    assert trainable.grad_fn is not None
     assert features.requires_grad  # the projector still trains
     grads = torch.autograd.grad(features.sum(), tiny_model.model.multi_modal_projector.linear_1.weight)
     assert grads[0].abs().sum() > 0

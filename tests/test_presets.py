@@ -43,7 +43,16 @@ def test_tiny_preset_builds_saves_reloads_and_chats(name, tmp_path):
     with torch.no_grad():
         blank = loaded.model.get_image_features(loaded.model._blank_pixel_values(inputs["pixel_values"]))
     assert blank.shape[0] == 1 and blank.shape[-1] == config.text_config.hidden_size
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 3 or out[0, -1] in loaded.generation_config.eos_token_id
+    # generate == a greedy loop of full forwards (no cache), stopping where generate must stop (eos)
+    eos = loaded.generation_config.eos_token_id
+    ids, eos = inputs["input_ids"], {eos} if isinstance(eos, int) else set(eos or [])
+    with torch.no_grad():
+        for _ in range(3):
+            step = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            ids = torch.cat([ids, loaded(**step, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            if int(ids[0, -1]) in eos:
+                break
+    assert torch.equal(out, ids)
 
 
 # Full-size parameter counts (meta device, nothing allocated), checked against the published model sizes.
@@ -68,3 +77,13 @@ def test_full_size_shapes_on_meta_device(name):
         assert 5.5e9 <= counts["vision_tower"] <= 6.0e9  # InternViT-6B (48 layers, width 3200)
     if tower["model_type"] == "clip_vision_model":
         assert 303e6 <= counts["vision_tower"] <= 305e6  # CLIP ViT-L/14-336
+
+
+def test_llavar2_without_timm_names_the_missing_package(monkeypatch):
+    """timm is the `llavar2` extra: only building a multi-path model needs it, and then the error says so."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+    create("llava-v1.5-7b", None, tokenizer=tokenizer_for("llava-v1.5-7b"), tiny=True)
+    with pytest.raises(ImportError, match="needs timm"):
+        create("llavar2-phi3.5-mini", None, tokenizer=tokenizer_for("llavar2-phi3.5-mini"), tiny=True)

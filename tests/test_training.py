@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from conftest import TOKENIZERS
 
@@ -271,10 +270,13 @@ def test_compact_cpu_loss_equals_trl_fused_loss(projectors, tmp_path, toy_folder
     # The logged metrics: each path alone between two `log` calls (train mode counts the tokens).
     model.train()
     batch = collator(samples)
-    with torch.no_grad():  # every other supervised label := the greedy prediction, so accuracy is not trivially 0
+    with torch.no_grad():  # some supervised labels := the greedy prediction, so accuracy is not trivially 0
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     rows, cols = torch.nonzero(batch["labels"][:, 1:] != -100, as_tuple=True)
-    rows, cols = rows[::2], cols[::2]
+    top2 = logits[rows, cols].topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.02  # no near-tie that rounding in either head could flip
+    rows, cols = rows[clear][::2], cols[clear][::2]
+    assert len(rows) >= 2
     batch["labels"][rows, cols + 1] = logits[rows, cols].argmax(-1)
     logged = {}
     for name, compute in (
@@ -292,7 +294,7 @@ def test_compact_cpu_loss_equals_trl_fused_loss(projectors, tmp_path, toy_folder
     assert logged["ours"]["num_tokens"] == logged["trl"]["num_tokens"] == int(batch["attention_mask"].sum())
     for key in ("entropy", "mean_token_accuracy"):
         assert logged["ours"][key] == pytest.approx(logged["trl"][key], rel=1e-4, abs=1e-5), key
-    assert 0.4 < logged["ours"]["mean_token_accuracy"] < 0.7 and logged["ours"]["entropy"] > 0
+    assert 0 < logged["ours"]["mean_token_accuracy"] < 1 and logged["ours"]["entropy"] > 0
 
 
 def test_packed_varlen_recipe_matches_padded_losses(projectors, tmp_path, toy_folder, monkeypatch):
@@ -428,17 +430,35 @@ def test_recipe_parses(path):
         assert not model.tiny
 
 
-def test_shipped_distributed_configs():
+def test_shipped_distributed_configs(tiny_model):
+    """Every `deepspeed: NAME` of a recipe resolves to a shipped config of that ZeRO stage whose batch / clipping /
+    precision fields are "auto" (the trainer's arguments fill them; a fixed value would conflict with the recipe);
+    the FSDP accelerate config parses and wraps classes that a LLaVA model really has."""
     from importlib import resources
 
-    folder = resources.files("internvl_chat.training").joinpath("configs")
-    zero2 = json.loads(folder.joinpath("zero2.json").read_text())
-    zero3 = json.loads(folder.joinpath("zero3.json").read_text())
-    assert zero2["zero_optimization"]["stage"] == 2 and zero3["zero_optimization"]["stage"] == 3
-    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    fsdp = yaml.safe_load(folder.joinpath("fsdp.yaml").read_text())
-    assert fsdp["distributed_type"] == "FSDP"
-    assert os.path.basename(str(folder)) == "configs"
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+
+    from internvl_chat.training.train import DEEPSPEED_CONFIGS, _resolve_deepspeed
+
+    assert set(DEEPSPEED_CONFIGS) == {"zero2", "zero3", "zero3_offload"}
+    for name in DEEPSPEED_CONFIGS:
+        training = {"deepspeed": name}
+        _resolve_deepspeed(training)
+        assert os.path.isfile(training["deepspeed"]), training
+        ds = HfDeepSpeedConfig(training["deepspeed"])
+        stage = int(name[len("zero")])
+        assert ds.get_value("zero_optimization.stage") == stage, name
+        assert ds.is_zero3() == (stage == 3) and ds.is_offload() == name.endswith("_offload"), name
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+            assert ds.get_value(key) == "auto", (name, key)
+        assert ds.get_value("bf16.enabled") == "auto" and ds.get_value("fp16.enabled") == "auto", name
+        if stage == 3:  # the stage-end save gathers the full weights (save_stage_artifacts relies on it)
+            assert ds.get_value("zero_optimization.stage3_gather_16bit_weights_on_model_save") is True
+    fsdp = load_config_from_file(str(resources.files("internvl_chat.training").joinpath("configs", "fsdp.yaml")))
+    assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
+    wrapped = set(fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    assert wrapped <= {type(m).__name__ for m in tiny_model.modules()}, wrapped  # LLaVA-1.5: Llama + CLIP
 
 
 def test_compile_layers_trains_the_same_set(tmp_path, toy_folder):

@@ -36,7 +36,7 @@ from .formats import ON_ERROR, DataError, modality_length, read_samples, sample_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SharedCounters", "VisionChatDataset", "load_sample_images"]
+__all__ = ["SharedCounters", "VisionChatDataset", "hf_view", "load_sample_images"]
 
 
 class SharedCounters:
@@ -265,3 +265,40 @@ class VisionChatDataset(Dataset):
         out = self._subset(keep)
         out.read_stats["dropped_over_length"] += dropped
         return out
+
+
+class _ItemsByIndex:
+    """The ``with_transform`` of :func:`hf_view`: rows of ``index`` → the wrapped dataset's items (picklable, so
+    spawned DataLoader workers get it too)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if "index" not in batch:  # a column read such as view["modality_length"] passes through
+            return batch
+        items = [self.dataset[int(i)] for i in batch["index"]]
+        keys = list(dict.fromkeys(key for item in items for key in item))
+        out = {key: [item.get(key) for item in items] for key in keys}
+        for key, values in batch.items():
+            if key != "index":
+                out.setdefault(key, values)
+        return out
+
+
+def hf_view(dataset: Any, columns: dict[str, list[Any]] | None = None):
+    """A map-style dataset as a HF ``datasets.Dataset`` of the same items, for trainers that accept only those
+    (TRL's ``SFTTrainer``).
+
+    The view holds an ``index`` column (plus ``columns``, e.g. ``{"modality_length": [...]}``); a
+    ``with_transform`` returns ``dataset[index]`` on access, so items, lazy image decoding in the DataLoader
+    workers and :class:`VisionChatDataset`'s ``on_error`` behave exactly as with the torch dataset itself.
+    """
+    import datasets
+
+    data = {"index": list(range(len(dataset)))}
+    for name, values in (columns or {}).items():
+        if len(values) != len(dataset):
+            raise ValueError(f"column {name!r} has {len(values)} values for {len(dataset)} samples")
+        data[name] = list(values)
+    return datasets.Dataset.from_dict(data).with_transform(_ItemsByIndex(dataset))

@@ -246,7 +246,3 @@ def trainable_table(model, stage: StageConfig | None = None, learning_rate: floa
             lines.append("-+-".join("-" * w for w in widths))
     header = f"trainable parameters (stage {stage.stage})" if stage is not None else "trainable parameters"
     return header + "\n" + "\n".join(lines)
-
-
-def trainable_names(model) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import re
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -38,7 +39,9 @@ from torch import nn
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from ..data.dataset import hf_view
 from ..data.formats import modality_length
+from ..modeling.modeling_internvl_chat import supervised_cross_entropy
 from .stages import StageConfig, parameter_groups, trainable_table
 
 logger = logging.getLogger(__name__)
@@ -347,27 +350,32 @@ class VisionSFTTrainer(SFTTrainer):
     """SFTTrainer with LLaVA's stage handling; `stage` says what trains and at which learning rates.
 
     `apply_stage` must have been called on the model (build_model / train.py do it) before PEFT wraps it. The
-    dataset may be a `datasets.Dataset` (messages + images columns) or any map-style torch Dataset: SFTTrainer
-    accepts only the former, so the latter is attached after construction (preparation is skipped either way:
-    our collator tokenizes).
+    training dataset may be a `datasets.Dataset` (messages + images columns) or any map-style torch Dataset, which
+    SFTTrainer does not accept: it is passed as its HF view (`data.dataset.hf_view`: an index column whose transform
+    returns the torch dataset's items), so items, lazy image decoding and `on_error` stay the torch dataset's.
+    Preparation is skipped either way (our collator tokenizes).
     """
 
     def __init__(self, *args, stage: StageConfig | None = None, train_dataset=None, **kwargs):
         import datasets
 
         self.stage = stage or StageConfig()
-        real_dataset = train_dataset
-        if train_dataset is not None and not isinstance(train_dataset, (datasets.Dataset, datasets.IterableDataset)):
-            # [IMPORTANT] a one-row stand-in with an `images` key: SFTTrainer then treats the data as vision data and
-            # skips its own tokenization; the real dataset replaces it right after.
-            train_dataset = datasets.Dataset.from_list([{"images": [], "messages": []}])
-        callbacks = list(kwargs.pop("callbacks", None) or [])
         config = kwargs.get("args")
+        if train_dataset is not None and not isinstance(train_dataset, (datasets.Dataset, datasets.IterableDataset)):
+            columns = None
+            if getattr(config, "group_by_modality_length", False):
+                columns = {"modality_length": modality_lengths(train_dataset)}
+            train_dataset = hf_view(train_dataset, columns)
+        # Metrics of the compact CPU loss (TRL's names, averaged per logging step in `log`), and its token count.
+        self.compact_metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self.compact_train_tokens = 0
+        callbacks = list(kwargs.pop("callbacks", None) or [])
         if config is not None and getattr(config, "loss_curve", False):
             callbacks.append(LossCurveCallback(title=Path(config.output_dir).name))
         super().__init__(*args, train_dataset=train_dataset, callbacks=callbacks, **kwargs)
-        if real_dataset is not train_dataset:
-            self.train_dataset = real_dataset
         if getattr(self.args, "compile_layers", False):
             backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
             for layer in getattr(backbone, "layers", []):
@@ -413,28 +421,33 @@ class VisionSFTTrainer(SFTTrainer):
         kwargs = {k: v for k, v in inputs.items() if k != "labels"}
         kwargs["use_cache"] = False
         # PEFT injects its layers into the module tree in place, so the bare backbone runs the adapters too.
-        hidden = base.model(**kwargs).last_hidden_state[:, :-1]
-        labels = inputs["labels"][:, 1:].to(hidden.device)
-        mask = labels != -100
-        logits = base.lm_head(hidden[mask]).float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        target = labels[mask]
-        nll = -log_probs.gather(-1, target[:, None]).squeeze(-1)
-        count = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = nll.sum() / torch.as_tensor(count, device=nll.device).clamp(min=1)
-        with torch.no_grad():
-            n_valid = int(mask.sum())
-            entropy = -(log_probs.exp() * log_probs).sum(-1).sum().item()
-            correct = (logits.argmax(-1) == target).sum().item()
-        self._metrics[mode]["entropy"].append(entropy / n_valid if n_valid else 0.0)
-        self._metrics[mode]["mean_token_accuracy"].append(correct / n_valid if n_valid else 0.0)
+        hidden = base.model(**kwargs).last_hidden_state
+        losses, entropy, correct = supervised_cross_entropy(
+            base.lm_head, hidden, inputs["labels"], reduction="none", token_stats=True
+        )
+        n_valid = losses.numel()
+        count = n_valid if num_items_in_batch is None else num_items_in_batch
+        loss = losses.sum() / torch.as_tensor(count, device=losses.device).clamp(min=1)
+        metrics = self.compact_metrics[mode]
+        metrics["entropy"].append(entropy.sum().item() / n_valid if n_valid else 0.0)
+        metrics["mean_token_accuracy"].append(correct.sum().item() / n_valid if n_valid else 0.0)
         if mode == "train":
             if "attention_mask" in inputs:
-                self._total_train_tokens += int(inputs["attention_mask"].sum())
+                self.compact_train_tokens += int(inputs["attention_mask"].sum())
             else:
-                self._total_train_tokens += int(inputs["position_ids"].size(1))
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+                self.compact_train_tokens += int(inputs["position_ids"].size(1))
+        metrics["num_tokens"] = [self.compact_train_tokens]
         return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the compact loss's metrics (averaged since the last log, `eval_` prefixed in evaluation), as TRL
+        does for its own loss, then logs."""
+        mode = "train" if self.model.training else "eval"
+        metrics = self.compact_metrics[mode]
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({f"{prefix}{key}": sum(values) / len(values) for key, values in metrics.items() if values})
+        metrics.clear()
+        super().log(logs, start_time)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
