@@ -307,3 +307,65 @@ def test_text_only_batch_runs_the_tower_in_distributed_training(tiny_model, monk
         hook.remove()
         tiny_model.zero_grad(set_to_none=True)
         tiny_model.eval()
+
+
+# ---------------------------------------------------------------------------- labels the model never learns
+def _with_padding(ids):
+    """Right-pad row 1 by 3 positions (attention mask 0 there)."""
+    ids = ids.clone()
+    attention_mask = torch.ones_like(ids)
+    ids[1, -3:], attention_mask[1, -3:] = 0, 0
+    return ids, attention_mask
+
+
+@pytest.mark.parametrize("skip_logits", [False, True])
+def test_labels_at_image_and_padding_positions_are_ignored(tiny_model, skip_logits):
+    """Like LLaVA, image positions (and padding) have no label, whatever the caller passed (TRL's default collator
+    copies input_ids into labels)."""
+    ids, pixel_values = sample_inputs()
+    ids, attention_mask = _with_padding(ids)
+    by_hand = ids.clone()
+    by_hand[(ids == IMG) | (attention_mask == 0)] = -100
+    kwargs = {"input_ids": ids, "pixel_values": pixel_values, "attention_mask": attention_mask}
+    copied = tiny_model(**kwargs, labels=ids.clone(), skip_logits=skip_logits).loss
+    masked = tiny_model(**kwargs, labels=by_hand, skip_logits=skip_logits).loss
+    assert torch.equal(copied, masked)
+    # not the same as supervising them: the image token would be a target 32 times
+    logits = tiny_model(**kwargs).logits[:, :-1].flatten(0, 1)
+    everything = torch.nn.functional.cross_entropy(logits, ids[:, 1:].flatten())
+    assert not torch.allclose(everything, masked)
+    # called as `forward` directly (no hook), the rule holds too
+    assert torch.equal(tiny_model.forward(**kwargs, labels=ids.clone(), skip_logits=skip_logits).loss, masked)
+
+
+def test_labels_are_masked_when_trl_replaces_forward(tiny_model):
+    """TRL's SFTTrainer swaps `forward` for a fused LM head that reads `labels` itself: the forward pre-hook still
+    takes image and padding positions out of them."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    ids, pixel_values = sample_inputs()
+    ids, attention_mask = _with_padding(ids)
+    by_hand = ids.clone()
+    by_hand[(ids == IMG) | (attention_mask == 0)] = -100
+    add_fused_lm_head(tiny_model)
+    kwargs = {"input_ids": ids, "pixel_values": pixel_values, "attention_mask": attention_mask, "fused_lm_head": True}
+    fused = tiny_model(**kwargs, labels=ids.clone())
+    assert torch.equal(fused.label_mask, by_hand[:, 1:] != -100)
+    assert torch.allclose(fused.loss, tiny_model(**kwargs, labels=by_hand).loss)
+    assert torch.allclose(fused.loss, tiny_model(ids, pixel_values, attention_mask, labels=by_hand).loss, atol=1e-6)
+
+
+def test_return_dict_false_gives_tuples(tiny_model):
+    ids, pixel_values = sample_inputs()
+    with torch.no_grad():
+        full = tiny_model(input_ids=ids, pixel_values=pixel_values, labels=ids)
+        as_tuple = tiny_model(input_ids=ids, pixel_values=pixel_values, labels=ids, return_dict=False)
+        backbone = tiny_model.model(input_ids=ids, pixel_values=pixel_values, return_dict=False)
+    assert (
+        isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], full.loss) and torch.equal(as_tuple[1], full.logits)
+    )
+    assert isinstance(backbone, tuple) and backbone[0].shape == (*ids.shape, 64)
+
+
+def test_no_split_modules_come_from_the_tower_and_the_llm(tiny_model):
+    assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= set(tiny_model._no_split_modules)

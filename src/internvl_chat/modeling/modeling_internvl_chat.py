@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging, torch_compilable_check
 
 from .configuration_intern_vit import InternViTConfig
 from .configuration_internvl_chat import InternVLChatConfig, check_projector_type
@@ -34,10 +34,14 @@ from .modeling_varlen_attention import VARLEN_ATTENTION  # noqa: F401  (register
 
 logger = logging.get_logger(__name__)
 
-# [IMPORTANT] transformers 5.24 renamed the KV cache argument and output field `past_key_values` -> `cache`: its
-# `generate` passes `cache=` to forward and reads `outputs["cache"]`, and an output dataclass declaring
-# `past_key_values` cannot be built there. We pass and read the name of the installed version, and accept both.
+# ---------------------------------------------------------------------------------------------- version shims
+# Every transformers-version difference this file handles lives here. Supported: transformers >= 5.17 (setup.cfg).
+# * KV cache name: transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`; its
+#   `generate` passes `cache=` to forward and reads `outputs["cache"]`, and an output dataclass declaring
+#   `past_key_values` cannot be built there. We pass and read the installed name and accept both as arguments.
+#   Delete (use `cache` everywhere) once the minimum transformers is 5.24.
 CACHE_KWARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# ------------------------------------------------------------------------------------------------------------
 
 # Vision tower class per vision `model_type`: one row per tower.
 # [IMPORTANT] keyed by model_type, not config class: with trust_remote_code, transformers may import the sibling
@@ -75,6 +79,35 @@ class InternVLChatCausalLMOutputWithPast(CausalLMOutputWithPast):
     """Causal-LM output + `image_hidden_states`; the cache field is transformers' own (see `CACHE_KWARG`)."""
 
     image_hidden_states: torch.FloatTensor | None = None
+
+
+def ignore_non_text_labels(labels, input_ids, attention_mask, image_token_id: int):
+    """`labels` with -100 wherever the position holds an image token or padding, whatever the caller passed.
+
+    LLaVA gives image positions no label inside the model (the image features replace the placeholder, with
+    IGNORE_INDEX labels), so a collator that copies `input_ids` into `labels` (TRL's default) never teaches the model
+    to emit `<image>`. Image positions: `input_ids == image_token_id` (or a label equal to it, e.g. with
+    `inputs_embeds`); padding: a 2-D `attention_mask` equal to 0. Shapes (batch, seq); returns a new tensor.
+    """
+    ignore = labels == image_token_id
+    if input_ids is not None and input_ids.shape == labels.shape:
+        ignore = ignore | (input_ids.to(labels.device) == image_token_id)
+    if torch.is_tensor(attention_mask) and attention_mask.shape == labels.shape:
+        ignore = ignore | (attention_mask.to(labels.device) == 0)
+    return labels.masked_fill(ignore, -100)
+
+
+def _ignore_non_text_labels_hook(module, args, kwargs):
+    # [IMPORTANT] a forward pre-hook, so the rule also holds when `forward` is replaced on the instance: TRL's
+    # SFTTrainer patches it with a fused LM head that reads `labels` itself and never runs our forward's loss.
+    labels = kwargs.get("labels")
+    if labels is None:
+        return None
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    kwargs["labels"] = ignore_non_text_labels(
+        labels, input_ids, kwargs.get("attention_mask"), module.config.image_token_id
+    )
+    return args, kwargs
 
 
 SUPERVISED_REDUCTIONS = ("mean", "none", "row_sum")
@@ -178,15 +211,8 @@ class InternVLChatPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values", "cache"]
-    # Layers FSDP wraps / device_map never splits: the LLM decoder layers of the supported families and the towers'.
-    _no_split_modules = [
-        "LlamaDecoderLayer",
-        "MistralDecoderLayer",
-        "Phi3DecoderLayer",
-        "Qwen2DecoderLayer",
-        "CLIPEncoderLayer",
-        "InternViTEncoderLayer",
-    ]
+    # `_no_split_modules` (layers FSDP wraps and device_map never splits) is gathered by transformers from the
+    # tower's and the LLM's own lists in `post_init`.
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -267,18 +293,22 @@ class InternVLChatModel(InternVLChatPreTrainedModel):
             image_mask = (inputs_embeds == image_embed).all(-1)
         else:
             image_mask = input_ids == self.config.image_token_id
-        n_tokens = int(image_mask.sum())
+        n_tokens = image_mask.sum()
         n_features = image_features.shape[0] * image_features.shape[1]
-        if n_tokens != n_features:
-            raise ValueError(
-                f"Image features and image tokens do not match: {n_tokens} image tokens in the input but "
-                f"{n_features} image features ({image_features.shape[0]} images × {image_features.shape[1]} tokens). "
-                "Each image needs exactly one `<image>` placeholder, expanded by the processor; check that no "
-                "truncation cut the image tokens."
-            )
+        # A tensor condition (no `.item()` / `int()`), so the check does not break a torch.compile graph.
+        torch_compilable_check(
+            n_tokens == n_features,
+            lambda: (
+                f"Image features and image tokens do not match: {int(n_tokens)} image tokens in the input but "
+                f"{n_features} image features ({image_features.shape[0]} images × {image_features.shape[1]} "
+                "tokens). Each image needs exactly one `<image>` placeholder, expanded by the processor; check that "
+                "no truncation cut the image tokens."
+            ),
+        )
         image_mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(image_mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -290,9 +320,9 @@ class InternVLChatModel(InternVLChatPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> InternVLChatModelOutputWithPast:
+        """Returns an `InternVLChatModelOutputWithPast`, or its tuple with `return_dict=False`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         cache = kwargs.pop("cache", None)
@@ -349,6 +379,7 @@ class InternVLChatForConditionalGeneration(InternVLChatPreTrainedModel, Generati
         super().__init__(config)
         self.model = InternVLChatModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.register_forward_pre_hook(_ignore_non_text_labels_hook, with_kwargs=True)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -381,6 +412,7 @@ class InternVLChatForConditionalGeneration(InternVLChatPreTrainedModel, Generati
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -393,13 +425,16 @@ class InternVLChatForConditionalGeneration(InternVLChatPreTrainedModel, Generati
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         skip_logits: bool = False,
         **kwargs,
     ) -> InternVLChatCausalLMOutputWithPast:
         """Causal-LM forward. With `labels` and `skip_logits=True` the loss is computed from the supervised positions
-        only (no full-vocabulary logits; `logits` is None), the training fast path."""
+        only (no full-vocabulary logits; `logits` is None), the training fast path. Labels at image-token and padding
+        positions are ignored whatever the caller passed (`ignore_non_text_labels`). `return_dict=False` gives the
+        output's tuple."""
+        if labels is not None:
+            labels = ignore_non_text_labels(labels, input_ids, attention_mask, self.config.image_token_id)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -410,6 +445,7 @@ class InternVLChatForConditionalGeneration(InternVLChatPreTrainedModel, Generati
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
