@@ -17,7 +17,7 @@ from pathlib import Path
 from .base import TaskContext
 
 
-def _is_hf_dataset_dir(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and (
         (path / "dataset_info.json").exists()
         or (path / "state.json").exists()
@@ -31,7 +31,7 @@ def load_records(path: str | os.PathLike, split: str | None = None) -> list[dict
     one). JSON files may hold a list, ``{"data": [...]}``, ``{"questions": [...]}`` or an id -> record mapping
     (the id is kept as ``_key``)."""
     path = Path(path)
-    if _is_hf_dataset_dir(path):
+    if is_saved_dataset(path):
         import datasets
 
         ds = datasets.load_from_disk(str(path))
@@ -92,7 +92,7 @@ def _native(value):
     return value
 
 
-def _first(rec: dict, *keys, default=None):
+def first(rec: dict, *keys, default=None):
     for key in keys:
         value = rec.get(key)
         if (
@@ -104,7 +104,7 @@ def _first(rec: dict, *keys, default=None):
     return default
 
 
-def _is_none(value) -> bool:
+def is_none(value) -> bool:
     """LLaVA's is_none for MMBench cells: None, NaN, 'nan', 'none' (any case), or empty."""
     if value is None:
         return True
@@ -113,7 +113,7 @@ def _is_none(value) -> bool:
     return isinstance(value, str) and value.strip().lower() in ("nan", "none", "")
 
 
-def _image_value(value, image_folder: str | None):
+def image_value(value, image_folder: str | None):
     """Turns an image cell into something `decode_image` opens: dicts from parquet / datasets give their bytes,
     relative paths are joined to the image folder, everything else is kept (PIL, bytes, base64)."""
     if isinstance(value, dict):
@@ -121,7 +121,7 @@ def _image_value(value, image_folder: str | None):
             return value["bytes"]
         value = value.get("path")
     if isinstance(value, (list, tuple)):
-        return _image_value(value[0], image_folder) if value else None
+        return image_value(value[0], image_folder) if value else None
     if isinstance(value, str) and image_folder and len(value) < 1024 and not os.path.isabs(value):
         return os.path.join(image_folder, value)
     return value
@@ -152,8 +152,8 @@ def decode_image(source):
     raise TypeError(f"Cannot open an image from {type(source).__name__}")
 
 
-def _answers(rec: dict):
-    value = _first(rec, "answers", "answer", "gt_answers", "ground_truth", "label", "labels", "correct_ans")
+def answers_of(rec: dict):
+    value = first(rec, "answers", "answer", "gt_answers", "ground_truth", "label", "labels", "correct_ans")
     if value is None:
         return None
     if isinstance(value, str):
@@ -164,8 +164,8 @@ def _answers(rec: dict):
     return out
 
 
-def _rec_id(rec: dict, row: int):
-    return _first(rec, "question_id", "questionId", "id", "index", "_key", default=row)
+def record_id(rec: dict, row: int):
+    return first(rec, "question_id", "questionId", "id", "index", "_key", default=row)
 
 
 IMAGE_KEYS = (
@@ -174,7 +174,7 @@ IMAGE_KEYS = (
 )  # fmt: skip
 
 
-def _with_suffix(text: str, *lines: str) -> str:
+def with_suffix(text: str, *lines: str) -> str:
     """Appends the protocol lines unless the text (a LLaVA question file) already ends with them."""
     tail = "\n".join(line for line in lines if line)
     if not tail or text.rstrip().endswith(tail):
@@ -182,7 +182,7 @@ def _with_suffix(text: str, *lines: str) -> str:
     return text + "\n" + tail
 
 
-def _find_annotation(ctx: TaskContext, *names: str) -> str | None:
+def find_annotation(ctx: TaskContext, *names: str) -> str | None:
     if ctx.annotations:
         return ctx.annotations
     base = Path(ctx.data).parent if Path(ctx.data).is_file() else Path(ctx.data)

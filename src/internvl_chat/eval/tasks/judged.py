@@ -8,13 +8,13 @@ from pathlib import Path
 
 from .. import metrics
 from .base import Sample, TaskContext, no_ground_truth, scored
-from .files import IMAGE_KEYS, _find_annotation, _first, _image_value, load_records
+from .files import IMAGE_KEYS, find_annotation, first, image_value, load_records
 
 
 def read_mmvet(ctx: TaskContext) -> list[Sample]:
     """LLaVA's llava-mm-vet.jsonl (+ ``--annotations`` mm-vet.json, default: next to the data) or mm-vet.json
     itself (ids "v1_N", images ``imagename`` under ``--image-folder``)."""
-    ann_path = _find_annotation(ctx, "mm-vet.json")
+    ann_path = find_annotation(ctx, "mm-vet.json")
     ann = {}
     if ann_path and Path(ann_path).resolve() != Path(ctx.data).resolve():
         with open(ann_path, encoding="utf-8") as f:
@@ -27,7 +27,7 @@ def read_mmvet(ctx: TaskContext) -> list[Sample]:
         else:
             key = f"v1_{rec['question_id']}"
             info = ann.get(key, rec)
-            prompt, image = rec.get("text", rec.get("question")), _first(rec, *IMAGE_KEYS)
+            prompt, image = rec.get("text", rec.get("question")), first(rec, *IMAGE_KEYS)
         target = (
             {
                 "answer": info["answer"],
@@ -38,7 +38,7 @@ def read_mmvet(ctx: TaskContext) -> list[Sample]:
             else None
         )
         sid = rec.get("question_id", key)
-        samples.append(Sample(sid, prompt, _image_value(image, ctx.image_folder), target, {"mmvet_id": key}))
+        samples.append(Sample(sid, prompt, image_value(image, ctx.image_folder), target, {"mmvet_id": key}))
     return samples
 
 
@@ -143,7 +143,7 @@ def read_llava_bench(ctx: TaskContext) -> list[Sample]:
             Sample(
                 rec["question_id"],
                 rec["text"],
-                _image_value(rec.get("image"), ctx.image_folder),
+                image_value(rec.get("image"), ctx.image_folder),
                 target,
                 {"category": rec.get("category")},
             )

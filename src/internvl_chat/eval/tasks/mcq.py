@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import metrics
 from .base import LETTERS, MC_SUFFIX, MC_SUFFIX_CN, Sample, TaskContext, mean, no_ground_truth, option_on, scored
-from .files import _find_annotation, _first, _image_value, _is_none, _with_suffix, load_records, write_xlsx
+from .files import find_annotation, first, image_value, is_none, load_records, with_suffix, write_xlsx
 
 
 def _options_text(options) -> str:
@@ -23,7 +23,7 @@ def read_scienceqa(ctx: TaskContext) -> list[Sample]:
     (derek-thomas/ScienceQA columns question, choices, answer, hint, image)."""
     records = load_records(ctx.data, ctx.split)
     problems = {}
-    ann = _find_annotation(ctx, "problems.json")
+    ann = find_annotation(ctx, "problems.json")
     if ann and Path(ann).name == "problems.json" and Path(ann).resolve() != Path(ctx.data).resolve():
         with open(ann, encoding="utf-8") as f:
             problems = json.load(f)
@@ -43,7 +43,7 @@ def read_scienceqa(ctx: TaskContext) -> list[Sample]:
                 Sample(
                     rec["id"],
                     qs + "\n" + MC_SUFFIX,
-                    _image_value(image, ctx.image_folder) if image else None,
+                    image_value(image, ctx.image_folder) if image else None,
                     target,
                     {"is_multimodal": image is not None},
                 )
@@ -55,7 +55,7 @@ def read_scienceqa(ctx: TaskContext) -> list[Sample]:
         with open(splits) as f:
             keep = set(json.load(f)[ctx.split or "test"])
     for row, rec in enumerate(records):
-        qid = str(_first(rec, "_key", "id", default=row))
+        qid = str(first(rec, "_key", "id", default=row))
         if keep is not None and qid not in keep:
             continue
         if "split" in rec and keep is None and ctx.split and rec["split"] != ctx.split:
@@ -72,7 +72,7 @@ def read_scienceqa(ctx: TaskContext) -> list[Sample]:
             Sample(
                 qid,
                 prompt,
-                _image_value(image, ctx.image_folder) if has_image else None,
+                image_value(image, ctx.image_folder) if has_image else None,
                 {"answer": int(rec["answer"]), "num_choices": len(choices)},
                 {"is_multimodal": has_image},
             )
@@ -116,7 +116,7 @@ def read_mmbench(ctx: TaskContext, lang: str = "en") -> list[Sample]:
     for rec in records:
         options = []
         for letter in "ABCD":
-            if letter not in rec or _is_none(rec[letter]):
+            if letter not in rec or is_none(rec[letter]):
                 break
             options.append(str(rec[letter]))
         image = rec.get("image")
@@ -125,9 +125,9 @@ def read_mmbench(ctx: TaskContext, lang: str = "en") -> list[Sample]:
             image = images[image]
         index = int(float(rec["index"]))
         question = str(rec["question"])
-        if not _is_none(rec.get("hint")):
+        if not is_none(rec.get("hint")):
             question = str(rec["hint"]) + "\n" + question
-        answer = None if _is_none(rec.get("answer")) else str(rec["answer"]).strip()
+        answer = None if is_none(rec.get("answer")) else str(rec["answer"]).strip()
         rounds = metrics.mmbench_rotations(options) if rotate else [options]
         for k, opts in enumerate(rounds):
             target = None
@@ -144,7 +144,7 @@ def read_mmbench(ctx: TaskContext, lang: str = "en") -> list[Sample]:
             }
             sid = f"{index}-{k}" if rotate else index
             prompt = question + "\n" + _options_text(opts) + "\n" + suffix
-            samples.append(Sample(sid, prompt, _image_value(image, None), target, meta))
+            samples.append(Sample(sid, prompt, image_value(image, None), target, meta))
     return samples
 
 
@@ -208,22 +208,22 @@ def read_seed(ctx: TaskContext) -> list[Sample]:
             ann[str(r["question_id"])] = r
     samples = []
     for row, rec in enumerate(load_records(ctx.data, ctx.split)):
-        qid = str(_first(rec, "question_id", "id", default=row))
+        qid = str(first(rec, "question_id", "id", default=row))
         info = {**ann.get(qid, {}), **rec}
         if not keep_all and info.get("data_type", "image") != "image":
             continue
         if "text" in rec and "question" not in rec:
-            prompt = _with_suffix(rec["text"], MC_SUFFIX)
+            prompt = with_suffix(rec["text"], MC_SUFFIX)
         else:
             opts = [info[f"choice_{c}"] for c in "abcd"]
             prompt = str(info["question"]) + "\n" + _options_text(opts) + "\n" + MC_SUFFIX
-        image = _first(rec, "image", "data_id", "image_path")
+        image = first(rec, "image", "data_id", "image_path")
         target = info.get("answer")
         samples.append(
             Sample(
                 info["question_id"],
                 prompt,
-                _image_value(image, ctx.image_folder),
+                image_value(image, ctx.image_folder),
                 target,
                 {"question_type_id": info.get("question_type_id")},
             )
@@ -265,13 +265,13 @@ def read_qbench(ctx: TaskContext) -> list[Sample]:
         message = str(rec["question"]) + head
         for letter, cand in zip(("A.", "B.", "C.", "D."), rec["candidates"]):
             message += f"{letter} {cand}\n"
-        image = _first(rec, "img_path", "image")
+        image = first(rec, "img_path", "image")
         target = {"candidates": list(rec["candidates"]), "correct": rec.get("correct_ans")}
         samples.append(
             Sample(
-                _first(rec, "id", "question_id", default=row),
+                first(rec, "id", "question_id", default=row),
                 message,
-                _image_value(image, ctx.image_folder),
+                image_value(image, ctx.image_folder),
                 target if target["correct"] is not None else None,
                 {"type": rec.get("type"), "concern": rec.get("concern")},
             )

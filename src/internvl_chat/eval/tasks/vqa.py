@@ -10,7 +10,7 @@ import os
 
 from .. import metrics
 from .base import OCR_PREFIX, SHORT_ANSWER, VIZWIZ_UNANSWERABLE, Sample, TaskContext, mean, no_ground_truth, scored
-from .files import IMAGE_KEYS, _answers, _first, _image_value, _rec_id, _with_suffix, load_records, write_json
+from .files import IMAGE_KEYS, answers_of, first, image_value, load_records, record_id, with_suffix, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -20,18 +20,18 @@ def read_vqa(ctx: TaskContext, suffix: tuple[str, ...] = (SHORT_ANSWER,), ocr: b
     from ``answers`` / ``answer`` / ``label`` or joined from ``ctx.annotations`` by question id (then image)."""
     samples = []
     for row, rec in enumerate(load_records(ctx.data, ctx.split)):
-        image = _first(rec, *IMAGE_KEYS)
-        if image is None and _first(rec, "image_id", "imageId") is not None:
-            image = f"{_first(rec, 'image_id', 'imageId')}.jpg"  # TextVQA / GQA raw files name images by id
+        image = first(rec, *IMAGE_KEYS)
+        if image is None and first(rec, "image_id", "imageId") is not None:
+            image = f"{first(rec, 'image_id', 'imageId')}.jpg"  # TextVQA / GQA raw files name images by id
         text = rec.get("text") if "question" not in rec and "query" not in rec else None
         if text is not None:
             lines = text.split("\n")
             if ocr is False:
                 lines = [line for line in lines if not line.startswith(OCR_PREFIX)]
             question = next((line for line in lines if not line.startswith(OCR_PREFIX)), lines[0])
-            prompt = _with_suffix("\n".join(lines), *suffix)
+            prompt = with_suffix("\n".join(lines), *suffix)
         else:
-            question = str(_first(rec, "question", "query", "prompt", default=""))
+            question = str(first(rec, "question", "query", "prompt", default=""))
             ocr_line = ""
             if ocr and rec.get("ocr_tokens"):
                 ocr_line = OCR_PREFIX + ", ".join(rec["ocr_tokens"])  # *unverified* join of LLaVA's OCR line
@@ -45,7 +45,9 @@ def read_vqa(ctx: TaskContext, suffix: tuple[str, ...] = (SHORT_ANSWER,), ocr: b
         sample_name = _sample_name(rec.get("metadata"))
         if sample_name is not None:
             meta["sample_name"] = sample_name  # the document of a key-value question (LayTextLLM files)
-        samples.append(Sample(_rec_id(rec, row), prompt, _image_value(image, ctx.image_folder), _answers(rec), meta))
+        samples.append(
+            Sample(record_id(rec, row), prompt, image_value(image, ctx.image_folder), answers_of(rec), meta)
+        )
     if ctx.annotations:
         _join_answers(samples, ctx.annotations, ctx.split)
     return samples
@@ -67,17 +69,17 @@ def _join_answers(samples: list[Sample], path: str, split: str | None = None) ->
     records = load_records(path, split)
     by_id, by_image, by_question = {}, {}, {}
     for rec in records:
-        answers = _answers(rec)
+        answers = answers_of(rec)
         if answers is None:
             continue
-        rid = _first(rec, "question_id", "questionId", "id", "_key")
+        rid = first(rec, "question_id", "questionId", "id", "_key")
         if rid is not None:  # never by row number: VizWiz annotations have no id and must join by image
             by_id[str(rid)] = answers
-        image = _first(rec, *IMAGE_KEYS)
+        image = first(rec, *IMAGE_KEYS)
         if isinstance(image, str):
             by_image[os.path.basename(image)] = answers
-        if rec.get("question") is not None and _first(rec, "image_id", "imageId") is not None:
-            by_question[(str(_first(rec, "image_id", "imageId")), str(rec["question"]).lower())] = answers
+        if rec.get("question") is not None and first(rec, "image_id", "imageId") is not None:
+            by_question[(str(first(rec, "image_id", "imageId")), str(rec["question"]).lower())] = answers
     missing = 0
     for s in samples:
         found = by_question.get((s.key, s.meta.get("question", "").lower()))
@@ -109,7 +111,7 @@ def read_gqa(ctx: TaskContext) -> list[Sample]:
     if ctx.annotations:
         types = {}
         for rec in load_records(ctx.annotations, ctx.split):
-            rid = _first(rec, "questionId", "question_id", "id", "_key")
+            rid = first(rec, "questionId", "question_id", "id", "_key")
             structural = (rec.get("types") or {}).get("structural") if isinstance(rec.get("types"), dict) else None
             if rid is not None and structural is not None:
                 types[str(rid)] = structural
@@ -212,7 +214,7 @@ def submit_vqav2(samples, preds, ctx, out_dir) -> str:
     answers = {s.key: metrics.normalize_vqa_answer(preds[s.key]) for s in samples if s.key in preds}
     ids = [s.id for s in samples]
     if ctx.options.get("test_questions"):
-        ids = [_rec_id(r, i) for i, r in enumerate(load_records(ctx.options["test_questions"]))]
+        ids = [record_id(r, i) for i, r in enumerate(load_records(ctx.options["test_questions"]))]
     rows = [{"question_id": qid, "answer": answers.get(str(qid), "")} for qid in ids]
     return write_json(rows, os.path.join(out_dir, "submission_vqav2.json"))
 

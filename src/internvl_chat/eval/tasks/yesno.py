@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import metrics
 from .base import MME_YES_NO, SHORT_ANSWER, Sample, TaskContext, mean, no_ground_truth, scored
-from .files import IMAGE_KEYS, _first, _image_value, _is_hf_dataset_dir, _with_suffix, load_records
+from .files import IMAGE_KEYS, first, image_value, is_saved_dataset, load_records, with_suffix
 from .vqa import read_vqa
 
 POPE_CATEGORIES = ("adversarial", "popular", "random")
@@ -19,7 +19,7 @@ def read_pope(ctx: TaskContext, category: str | None = None) -> list[Sample]:
     """LLaVA's llava_pope_test.jsonl (+ ``--annotations`` = the folder of coco_pope_*.json label files), a single
     coco_pope_<split>.json, or a folder of them (labels inside); parquet (lmms-lab/POPE) also works."""
     data = Path(ctx.data)
-    files = sorted(data.glob("coco_pope_*.json")) if data.is_dir() and not _is_hf_dataset_dir(data) else [data]
+    files = sorted(data.glob("coco_pope_*.json")) if data.is_dir() and not is_saved_dataset(data) else [data]
     samples = []
     for file in files:
         sub = read_vqa(dataclasses.replace(ctx, data=str(file), annotations=None))
@@ -102,7 +102,7 @@ def read_mme(ctx: TaskContext) -> list[Sample]:
     ``--image-folder``), or parquet (lmms-lab/MME columns question_id, question, answer, category, image)."""
     data = Path(ctx.data)
     samples = []
-    if data.is_dir() and not _is_hf_dataset_dir(data) and not list(data.glob("*.parquet")):
+    if data.is_dir() and not is_saved_dataset(data) and not list(data.glob("*.parquet")):
         for r in _mme_folder_records(data):
             name = f"{r['category']}/{Path(r['image']).name}"
             samples.append(
@@ -120,17 +120,17 @@ def read_mme(ctx: TaskContext) -> list[Sample]:
         for r in _mme_folder_records(Path(ctx.annotations)):
             gt[(r["category"], Path(r["file"]).stem, r["question"])] = r["answer"]
     for row, rec in enumerate(load_records(ctx.data, ctx.split)):
-        qid = str(_first(rec, "question_id", "id", default=row))
+        qid = str(first(rec, "question_id", "id", default=row))
         category = rec.get("category") or qid.split("/")[0]
         if "text" in rec and "question" not in rec:
-            prompt = _with_suffix(rec["text"], SHORT_ANSWER)
+            prompt = with_suffix(rec["text"], SHORT_ANSWER)
             question = prompt.replace(SHORT_ANSWER, "").strip()
         else:
             question = str(rec["question"])
             prompt = _mme_prompt(question)
-        image = _first(rec, *IMAGE_KEYS) or qid
+        image = first(rec, *IMAGE_KEYS) or qid
         name = f"{category}/{Path(str(rec.get('image_name') or qid)).name}"
-        target = _first(rec, "answer", "label")
+        target = first(rec, "answer", "label")
         if target is None and gt:
             stem = Path(qid.split("/")[-1]).stem
             q = question if MME_YES_NO in question else question + " " + MME_YES_NO
@@ -140,7 +140,7 @@ def read_mme(ctx: TaskContext) -> list[Sample]:
             )
         samples.append(
             Sample(
-                qid, prompt, _image_value(image, ctx.image_folder), target, {"category": category, "image_name": name}
+                qid, prompt, image_value(image, ctx.image_folder), target, {"category": category, "image_name": name}
             )
         )
     return samples
