@@ -1,9 +1,10 @@
-"""VisionChatCollator: label masks per template (reference.md §3) with the real tokenizers, ids == processor ids,
+"""VisionChatCollator: label masks per template (the originals' rules) with the real tokenizers, ids == processor ids,
 pixel values == processor's, over-length policies, bad samples, and packed == unpacked loss on a tiny model.
 
-Expected texts are written out literally from reference.md §2; expected ids come from an independent piecewise
-tokenizer written here (text cut at `<image>`, first piece with BOS), and expected labels token by token from the
-lengths of the tokenized prefixes (everything up to an answer, everything through its terminator).
+Expected texts are written out literally as the original conversation templates render them; expected ids come from
+an independent piecewise tokenizer written here (text cut at `<image>`, first piece with BOS), and expected labels
+token by token from the lengths of the tokenized prefixes (everything up to an answer, everything through its
+terminator).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ CAPTION = [
     {"role": "assistant", "content": "A black cat on a sofa."},
 ]
 
-# template → (tokenizer, literal rendered text as a list of (segment, supervised) pieces), reference.md §2 / §3.
+# template → (tokenizer, literal rendered text as a list of (segment, supervised) pieces), as the originals render.
 # Segments are cut so that every supervised piece starts right after the role prefix; a separator space before an
 # answer belongs to the answer's first SentencePiece token ("▁A"), so it is put on the supervised side.
 CASES = {

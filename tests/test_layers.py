@@ -2,7 +2,7 @@
 another verb. Every import counts, including those inside functions (lazy imports still tie the layers together).
 
     modeling (Hub unit), the package root
-    < templates
+    < templates, keymaps
     < presets, factories
     < loading, generation
     < data
@@ -24,6 +24,7 @@ LAYERS = {
     "": 0,  # the package root (__init__.py): registers the Auto classes from modeling
     "modeling": 0,
     "templates": 1,
+    "keymaps": 1,  # pure string functions (checkpoint key layouts)
     "presets": 2,
     "factories": 2,
     "loading": 3,

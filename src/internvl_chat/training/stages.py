@@ -6,7 +6,7 @@
     logger.info("\\n%s", trainable_table(model, stage, learning_rate=1e-3))
     groups = parameter_groups(model, stage, learning_rate=2e-5, weight_decay=0.0, decay_names=...)
 
-Stages (reference.md §7) and the original flags they mirror:
+Stages and the original training scripts' flags they mirror:
 
 | recipe key | meaning | origin |
 | --- | --- | --- |

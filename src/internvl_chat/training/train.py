@@ -8,7 +8,8 @@
     accelerate launch --config_file src/internvl_chat/training/configs/fsdp.yaml -m internvl_chat.training.train R.yaml
     deepspeed -m internvl_chat.training.train RECIPE.yaml                      # with training.deepspeed: zero3
 
-A recipe has five blocks (every key is documented in recipes/README.md and the dataclasses it feeds):
+A recipe has five blocks (every key is a field of the dataclass it feeds, documented there; `--print-recipe`
+shows a recipe after the overrides):
 
     model:    build.ModelConfig       what to start from (a folder, pretrained LLM + tower, or a tiny preset)
     stage:    stages.StageConfig      align / finetune, freeze_* flags, tune_vit_from_layer, mm_projector_lr...

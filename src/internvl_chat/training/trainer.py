@@ -15,7 +15,7 @@ What is added here (the LLaVA `train.py` pieces):
 * `group_by_modality_length`: LLaVA's sampler (megabatches of one modality, image or text-only), seeded per epoch so
   that resuming replays the same order;
 * our collator (labels from template spans, packing) instead of TRL's vision collator, which keeps image tokens in
-  the labels and refuses packing for vision data (reference.md §11);
+  the labels and refuses packing for vision data;
 * the stage-1 artifact `mm_projector.safetensors` (projector + multi-path fusion, our key names) and
   `load_projector` to start stage 2 from it;
 * LoRA with LLaVA's target rule (`lora_config`): every Linear of the LLM, not lm_head, tower or projector; the
