@@ -324,3 +324,125 @@ def test_chatml_direct_supervises_each_answer_and_its_end(tokenizers, answer):
     # Tokens that start in the prompt carry no answer text here (the header ends with a newline of its own).
     assert supervised == expected or supervised.replace("\n", "") == expected.replace("\n", ""), supervised
     assert IMAGE not in labels and labels[0] == IGNORE
+
+
+# ------------------------------------------------------------------------------ a user's own TRL script
+TRL_MODELS = [
+    ("vicuna-v1.5", "llava-v1.5-7b"),
+    ("phi-3.5-mini", "llavar2-phi3.5-mini"),
+    ("llama-3.1", "llavar2-llama3.1-8b"),
+]
+
+
+def picture(seed=0):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(seed).random((40, 64, 3)) * 255).astype("uint8"))
+
+
+def chat(*turns):
+    """HF messages in TRL's vision form (content as blocks); `None` is an image block of the first user turn."""
+    messages = []
+    for k, text in enumerate(turns):
+        blocks = [{"type": "text", "text": text}]
+        if k == 0:
+            blocks.insert(0, {"type": "image"})
+        messages.append({"role": "user" if k % 2 == 0 else "assistant", "content": blocks})
+    return messages
+
+
+@pytest.mark.parametrize("tokenizer_name, preset", TRL_MODELS)
+def test_trl_assistant_only_loss_supervises_exactly_our_tokens(tokenizer_name, preset):
+    """TRL's vision collator with assistant_only_loss=True (processor.apply_chat_template with
+    return_assistant_tokens_mask) gives the ids and labels of our own sample encoding, padding aside."""
+    import copy
+
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from internvl_chat.factories import build_processor, prepare_tokenizer
+
+    tokenizer, _ = prepare_tokenizer(str(TOKENIZERS / tokenizer_name), 4096)
+    processor = build_processor(preset, tokenizer, 4, tiny=True)
+    examples = [
+        {"messages": chat("What is it?", " Blue.", "Sure?", "\nYes"), "images": [picture(0)]},
+        {"messages": chat("What is it?", "Hi", "More?", " "), "images": [picture(1)]},
+        {"messages": chat("Color?", "7 cats."), "images": [picture(2)]},
+    ]
+    collator = DataCollatorForVisionLanguageModeling(processor=processor, assistant_only_loss=True, max_length=None)
+    batch = collator(copy.deepcopy(examples))
+    for row, example in enumerate(examples):
+        ours = encode_chat(
+            tokenizer,
+            example["messages"],
+            processor.chat_template,
+            image_token=processor.image_token,
+            image_seq_length=processor.image_seq_length,
+            image_token_id=processor.image_token_id,
+        )
+        n = len(ours["input_ids"])
+        assert int(batch["attention_mask"][row].sum()) == n
+        assert batch["input_ids"][row, :n].tolist() == ours["input_ids"]
+        labels = [t if m else IGNORE for t, m in zip(ours["input_ids"], ours["assistant_masks"])]
+        assert batch["labels"][row, :n].tolist() == labels, row
+        assert (batch["labels"][row, n:] == IGNORE).all()
+
+
+@pytest.mark.parametrize("tokenizer_name, preset", TRL_MODELS)
+def test_trl_prompt_completion_format_works(tokenizer_name, preset):
+    import copy
+
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from internvl_chat.factories import build_processor, prepare_tokenizer
+
+    tokenizer, _ = prepare_tokenizer(str(TOKENIZERS / tokenizer_name), 4096)
+    processor = build_processor(preset, tokenizer, 4, tiny=True)
+    messages = chat("What is it?", "A cat.")
+    example = {"prompt": messages[:1], "completion": messages[1:], "images": [picture()]}
+    batch = DataCollatorForVisionLanguageModeling(processor=processor, max_length=None, completion_only_loss=True)(
+        [copy.deepcopy(example)]
+    )
+    stop = {"vicuna-v1.5": "</s>", "phi-3.5-mini": "<|end|>", "llama-3.1": "<|eot_id|>"}[tokenizer_name]
+    assert tokenizer.decode([t for t in batch["labels"][0].tolist() if t != IGNORE]) == "A cat." + stop
+    assert (batch["input_ids"][0] == processor.image_token_id).sum() == 4 and batch["pixel_values"].shape[0] == 1
+
+
+@pytest.mark.parametrize("assistant_only_loss", [False, True])
+def test_trl_sft_trainer_never_learns_the_image_token(tmp_path, assistant_only_loss):
+    """A user's SFTTrainer script on our model: TRL's default collator copies input_ids (16 image tokens a sample)
+    into the labels; the model ignores those positions like LLaVA, so after 5 steps at a high learning rate no
+    text position predicts `<image>` (without the rule: about a third of them). assistant_only_loss=True runs too."""
+    import datasets
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from internvl_chat.factories import create
+
+    model, processor, _ = create(
+        "llava-v1.5-7b", None, tokenizer=str(TOKENIZERS / "vicuna-v1.5"), tiny=True, dtype="float32"
+    )
+    rows = [{"messages": chat("What is it?", "A red square."), "images": [picture(i)]} for i in range(8)]
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=5,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        max_length=None,
+        assistant_only_loss=assistant_only_loss,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor
+    )
+    trainer.train()
+    batch = trainer.data_collator([dict(row) for row in rows[:2]])
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        logits = model.eval()(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+        ).logits
+    text = (batch["input_ids"][:, 1:] != image_id) & (batch["attention_mask"][:, 1:] == 1)
+    assert text.sum() > 0 and not (logits[:, :-1].argmax(-1)[text] == image_id).any()
