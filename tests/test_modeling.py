@@ -199,7 +199,7 @@ def test_llava_hr_fields():
     from internvl_chat.presets import build_config
 
     config = build_config("llavar2-phi3.5-mini", vocab_size=32064, image_token_id=32011)
-    assert config.is_multipath_encoder and config.input_image_size == 768 and config.freeze_vision
+    assert config.is_multipath_encoder and config.input_image_size == 768 and not config.use_vision_adapters
     assert config.mm_hidden_size == 1024 and config.image_seq_length == 576
     clip = tiny_clip_llama_config()
     assert not clip.is_multipath_encoder and clip.input_image_size is None

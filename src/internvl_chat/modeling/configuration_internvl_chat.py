@@ -140,9 +140,9 @@ class InternVLChatConfig(PreTrainedConfig):
         return getattr(self.vision_config, "input_image_size", None) if self.is_multipath_encoder else None
 
     @property
-    def freeze_vision(self) -> bool:
-        """LLaVA-HR's `freeze_vision`: False switches on the mixture-of-resolution adapters (vision side trained)."""
-        return getattr(self.vision_config, "freeze_vision", True)
+    def use_vision_adapters(self) -> bool:
+        """The multi-path encoder's mixture-of-resolution adapters exist (LLaVA-HR's `freeze_vision` False)."""
+        return bool(getattr(self.vision_config, "use_adapters", False))
 
     @property
     def mm_hidden_size(self) -> int:

@@ -2,10 +2,11 @@
 
 `MultiPathVisionConfig` describes the encoder implemented in `modeling_multipath.py`: a fast CLIP ViT path on a
 low-resolution copy of the image, a slow ConvNeXt path on the full-resolution image, three mixture-of-resolution
-adapters between the CLIP blocks (only when the vision side is trained) and a final fusion of the two paths. The
-defaults are LLaVA-HR's: CLIP ViT-L/14-336 + ConvNeXt-L (`convnext_large_mlp`) at input 768:
+adapters between the CLIP blocks (`use_adapters`; LLaVA-HR builds them when the vision side is trained) and a
+final fusion of the two paths. The defaults are LLaVA-HR's: CLIP ViT-L/14-336 + ConvNeXt-L (`convnext_large_mlp`)
+at input 768:
 
-    config = MultiPathVisionConfig(input_image_size=1024, freeze_vision=False)
+    config = MultiPathVisionConfig(input_image_size=1024, use_adapters=True)
     encoder = MultiPathVisionModel(config)  # from modeling_multipath.py
 
 This file is copied flat into saved checkpoints as remote code: it imports only `transformers`.
@@ -55,8 +56,9 @@ class MultiPathVisionConfig(PreTrainedConfig):
         slow_dims: widths of the four ConvNeXt stages; the last one is the slow feature width C_s.
         input_image_size: side S of the (square) input image. The slow map is S/32 x S/32; the fast path sees the
             image resized to `fast_image_size`.
-        freeze_vision: LLaVA-HR's flag; the three mixture-of-resolution adapters exist and run only when False
-            (the vision side is trained).
+        use_adapters: whether the three mixture-of-resolution adapters exist and run (structural: the weights are
+            in the checkpoint exactly when True). LLaVA-HR creates them when its training flag `freeze_vision` is
+            False; configs saved with `freeze_vision` are read as `use_adapters = not freeze_vision`.
         adapter_layers: indices of the CLIP blocks after which the adapters run, counted as "after that many
             blocks"; default (n/4, n/2, 3n/4) for an n-block tower (6, 12, 18 for 24 blocks).
         initializer_range: std of the normal init of the adapter / fusion weights.
@@ -72,18 +74,22 @@ class MultiPathVisionConfig(PreTrainedConfig):
         slow_depths=(3, 3, 27, 3),
         slow_dims=(192, 384, 768, 1536),
         input_image_size=768,
-        freeze_vision=True,
+        use_adapters=None,
         adapter_layers=None,
         initializer_range=0.02,
+        freeze_vision=None,
         **kwargs,
     ):
+        if use_adapters is None:
+            # Older configs (and LLaVA-HR's) carry the training flag `freeze_vision` instead.
+            use_adapters = freeze_vision is not None and not freeze_vision
         self.fast_config = _build_fast_config(fast_config)
         self.slow_model_name = slow_model_name
         # Lists (not tuples) so that the config equals its JSON round trip.
         self.slow_depths = list(slow_depths)
         self.slow_dims = list(slow_dims)
         self.input_image_size = int(input_image_size)
-        self.freeze_vision = bool(freeze_vision)
+        self.use_adapters = bool(use_adapters)
         if adapter_layers is None:
             n = self.fast_config.num_hidden_layers
             adapter_layers = [n // 4, n // 2, 3 * n // 4]
@@ -94,6 +100,15 @@ class MultiPathVisionConfig(PreTrainedConfig):
             raise ValueError("slow_depths and slow_dims must each hold 4 values (one per ConvNeXt stage)")
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
+
+    @property
+    def freeze_vision(self):
+        """Old name, inverted: `not use_adapters` (read and written, for configs and code of earlier versions)."""
+        return not self.use_adapters
+
+    @freeze_vision.setter
+    def freeze_vision(self, value):
+        self.use_adapters = not value
 
     @property
     def hidden_size(self):

@@ -94,7 +94,7 @@ def _adjust_config(config, cfg: ModelConfig, freeze_vision: bool):
     if config.is_multipath_encoder:
         # The adapters exist only when the vision side trains (LLaVA-HR); a stage-1 model has none, and the
         # stage-2 model gets them zero-initialised (identity) by the model's _init_weights.
-        config.vision_config.freeze_vision = bool(freeze_vision)
+        config.vision_config.use_adapters = not freeze_vision
         if cfg.input_image_size:
             config.vision_config.input_image_size = int(cfg.input_image_size)
 
