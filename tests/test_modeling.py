@@ -369,3 +369,20 @@ def test_return_dict_false_gives_tuples(tiny_model):
 
 def test_no_split_modules_come_from_the_tower_and_the_llm(tiny_model):
     assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= set(tiny_model._no_split_modules)
+
+
+def test_multipath_use_adapters_reads_the_old_freeze_vision(tmp_path):
+    import json
+
+    from internvl_chat.modeling.configuration_multipath import MultiPathVisionConfig
+
+    assert MultiPathVisionConfig().use_adapters is False  # a stage-1 encoder has no adapters
+    config = MultiPathVisionConfig(use_adapters=True)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["use_adapters"] is True and "freeze_vision" not in saved
+    saved.pop("use_adapters")
+    for freeze_vision, use_adapters in ((False, True), (True, False)):
+        (tmp_path / "config.json").write_text(json.dumps({**saved, "freeze_vision": freeze_vision}))
+        old = MultiPathVisionConfig.from_pretrained(tmp_path)
+        assert old.use_adapters is use_adapters and old.freeze_vision is freeze_vision

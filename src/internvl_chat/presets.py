@@ -1,4 +1,4 @@
-"""The model zoo: vision towers, LLMs and the seed models built from them (reference.md §1), as plain dict rows.
+"""The model zoo: vision towers, LLMs and the seed models built from them, as plain dict rows.
 
     from internvl_chat.presets import PRESETS, build_config
     config = build_config("llava-v1.5-7b", vocab_size=32064, tiny=False)
@@ -11,10 +11,10 @@ Used by `internvl_chat.factories` (`internvl-chat create`, training, convert).
 
 from dataclasses import dataclass, field
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The image statistics live once, in the Hub unit's image processor (the defaults it ships with).
+from .modeling.image_processing_internvl_chat import IMAGENET_MEAN, IMAGENET_STD
+from .modeling.image_processing_internvl_chat import OPENAI_CLIP_MEAN as CLIP_MEAN
+from .modeling.image_processing_internvl_chat import OPENAI_CLIP_STD as CLIP_STD
 
 CLIP_L_336 = {
     "model_type": "clip_vision_model",
