@@ -179,6 +179,23 @@ def test_multipath_finetune_trains_vision_side_and_adapters(projectors, tmp_path
     }
 
 
+def test_vision_stage_needs_a_model_built_with_adapters():
+    """The recipe flag `freeze_vision: false` (LLaVA-HR's) builds the multi-path model with `use_adapters`; a model
+    built without them is refused by apply_stage instead of training a vision side that lacks its adapters."""
+    from internvl_chat.training.build import ModelConfig, build_model
+    from internvl_chat.training.stages import StageConfig, apply_stage
+
+    cfg = ModelConfig(preset="llavar2-phi3.5-mini", tiny=True, tokenizer=str(TOKENIZERS / "phi-3.5-mini"))
+    stage2 = StageConfig(stage="finetune", freeze_vision=False)
+    model, _ = build_model(cfg, freeze_vision=False)
+    assert model.config.vision_config.use_adapters and hasattr(model.model.vision_tower, "align_stages_latent")
+    apply_stage(model, stage2)
+    stage1_model, _ = build_model(cfg, freeze_vision=True)
+    assert not stage1_model.config.vision_config.use_adapters
+    with pytest.raises(ValueError, match="use_adapters"):
+        apply_stage(stage1_model, stage2)
+
+
 def test_internvl_pos_embedding_with_frozen_llm(tmp_path, toy_folder):
     trainable, changed, names, summary = run_two_steps("internvl-finetune", tmp_path, toy_folder)
     check_exact(trainable, changed)

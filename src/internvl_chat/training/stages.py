@@ -155,14 +155,14 @@ def _vision_trainable(model, stage: StageConfig, name: str) -> bool:
 def apply_stage(model, stage: StageConfig) -> dict[str, tuple[int, int]]:
     """Sets `requires_grad` on the bare model (before PEFT) for `stage`; returns {part: (trainable, total)}.
 
-    # [IMPORTANT] the multi-path adapters only exist when the model was built with
-    # `vision_config.freeze_vision = False`; `build_model` sets it from the recipe before loading.
+    # [IMPORTANT] the multi-path adapters only exist when the model was built with `vision_config.use_adapters`
+    # (LLaVA-HR: the recipe's `freeze_vision: false`); `build_model` sets it from the recipe before loading.
     """
     if stage.freeze_vision is False and model.config.is_multipath_encoder:
-        if model.config.vision_config.freeze_vision:
+        if not model.config.use_vision_adapters:
             raise ValueError(
                 "freeze_vision: false needs the multi-path adapters: build the model with "
-                "vision_config.freeze_vision = False (internvl_chat.training.build_model does it from the recipe)."
+                "vision_config.use_adapters = True (internvl_chat.training.build_model does it from the recipe)."
             )
     unused = unused_vision_parameters(model)
     for name, param in model.named_parameters():
