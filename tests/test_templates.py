@@ -187,7 +187,7 @@ EXPECTED = {
 }
 CASES = {"single": SINGLE, "multi": MULTI, "text": TEXT_ONLY, "system": SYSTEM}
 
-# The supervised text of each case (reference.md §3): answer + terminator of every assistant turn.
+# The supervised text of each case: answer + terminator of every assistant turn.
 SUPERVISED = {
     "vicuna_v1": {"single": ["A cat.</s>"], "multi": ["A cat.</s>", "Black.</s>"]},
     "llava_llama_2": {"single": ["A cat. </s>"], "multi": ["A cat. </s>", "Black. </s>"]},
