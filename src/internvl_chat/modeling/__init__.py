@@ -2,6 +2,9 @@
 
 `register_auto_classes()` (called by `import internvl_chat`) registers them with transformers' Auto classes for
 local use, and marks them so `save_pretrained` writes `auto_map` and copies these files next to the weights.
+The rules every layer shares live here once: `tokenize_llava` (LLaVA's piecewise tokenization),
+`supervised_token_mask` (which tokens an answer span supervises), `ignore_non_text_labels` (image and padding
+positions never supervised) and `supervised_cross_entropy` (the loss on supervised positions).
 """
 
 from transformers import (
@@ -18,8 +21,10 @@ from .modeling_internvl_chat import (
     InternVLChatForConditionalGeneration,
     InternVLChatModel,
     InternVLChatPreTrainedModel,
+    ignore_non_text_labels,
+    supervised_cross_entropy,
 )
-from .processing_internvl_chat import InternVLChatProcessor
+from .processing_internvl_chat import InternVLChatProcessor, supervised_token_mask, tokenize_llava
 
 __all__ = [
     "InternVLChatConfig",
@@ -28,7 +33,11 @@ __all__ = [
     "InternVLChatModel",
     "InternVLChatPreTrainedModel",
     "InternVLChatProcessor",
+    "ignore_non_text_labels",
     "register_auto_classes",
+    "supervised_cross_entropy",
+    "supervised_token_mask",
+    "tokenize_llava",
 ]
 
 
