@@ -43,6 +43,11 @@ LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
+MMTAG_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant is able to understand "
+    "the visual content that the user provides, and assist the user with a variety of tasks using natural language."
+    "The visual content will be provided with the following format: <Image>visual content</Image>."
+)
 LLAMA2_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
     "provides, and assist the user with a variety of tasks using natural language."
@@ -52,6 +57,7 @@ LLAMA2_SYSTEM = (
 CONVS = {
     "vicuna_v1": ("two", VICUNA_SYSTEM, ("USER", "ASSISTANT"), " ", "</s>"),
     "llava_v1": ("two", LLAVA_SYSTEM, ("USER", "ASSISTANT"), " ", "</s>"),
+    "v1_mmtag": ("two", MMTAG_SYSTEM, ("USER", "ASSISTANT"), " ", "</s>"),
     "llava_llama_2": ("llama_2", LLAMA2_SYSTEM, ("USER", "ASSISTANT"), "<s>", "</s>"),
     "mistral_instruct": ("llama_2", "", ("USER", "ASSISTANT"), "", "</s>"),
     "chatml_direct": (
@@ -79,6 +85,7 @@ CONVS = {
 TOKENIZER_OF = {
     "vicuna_v1": "vicuna-v1.5",
     "llava_v1": "vicuna-v1.5",
+    "v1_mmtag": "vicuna-v1.5",
     "llava_llama_2": "vicuna-v1.5",
     "mistral_instruct": "vicuna-v1.5",
     "chatml_direct": "phi-3.5-mini",
@@ -107,10 +114,12 @@ def image_tokenize(tokenizer, text):
     return ids
 
 
-def multimodal(value):
-    """LLaVA's preprocess_multimodal on one turn: the image goes first, followed by a newline."""
+def multimodal(value, name):
+    """LLaVA's preprocess_multimodal on one turn: the image goes first, followed by a newline (mmtag: wrapped)."""
     if "<image>" in value:
         value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+        if "mmtag" in name:
+            value = value.replace("<image>", "<Image><image></Image>")
     return value
 
 
@@ -145,7 +154,9 @@ def original(name, tokenizer, conversation):
         return ids, labels
     if conversation[0][0] != "human":  # "skip the first one if it is not from human"
         conversation = conversation[1:]
-    turns = [(0 if who == "human" else 1, multimodal(value) if has_image else value) for who, value in conversation]
+    turns = [
+        (0 if who == "human" else 1, multimodal(value, name) if has_image else value) for who, value in conversation
+    ]
     text = get_prompt(name, turns)
 
     def n_tokens(piece):
