@@ -24,9 +24,10 @@ from .modeling_internvl_chat import (
     ignore_non_text_labels,
     supervised_cross_entropy,
 )
-from .processing_internvl_chat import InternVLChatProcessor, supervised_token_mask, tokenize_llava
+from .processing_internvl_chat import IMAGE_TOKEN, InternVLChatProcessor, supervised_token_mask, tokenize_llava
 
 __all__ = [
+    "IMAGE_TOKEN",
     "InternVLChatConfig",
     "InternVLChatForConditionalGeneration",
     "InternVLChatImageProcessor",

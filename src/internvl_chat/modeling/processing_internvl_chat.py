@@ -17,6 +17,9 @@ from .image_processing_internvl_chat import PREPROCESS_OPTIONS
 
 logger = logging.get_logger(__name__)
 
+# The image placeholder of every template and dataset of the LLaVA family (a real token of the tokenizer).
+IMAGE_TOKEN = "<image>"
+
 
 # Chat templates saved by earlier versions of this package put the separator space after `ASSISTANT:` / `[/INST]`
 # outside `{% generation %}`; with the start-inside rule its `▁Blue` token would fall out of the answer. The
@@ -143,7 +146,7 @@ class InternVLChatProcessor(ProcessorMixin):
         image_processor=None,
         tokenizer=None,
         chat_template=None,
-        image_token: str = "<image>",
+        image_token: str = IMAGE_TOKEN,
         image_seq_length: int = 576,
         stop_strings=None,
         **kwargs,
