@@ -139,3 +139,25 @@ def test_llama3_prompt_gets_the_double_bos_of_the_original_unless_switched_off()
     messages[0]["content"][0] = {"type": "image", "image": image()}
     out = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert out["input_ids"][0][:3] == [128000, 128000, 128006]
+
+
+def test_offsets_follow_the_piecewise_tokens(processor):
+    """return_offsets_mapping: each token's characters in its text (image ids: the placeholder; BOS and padding:
+    empty), padded on the padding side, as transformers' assistant-mask machinery needs."""
+    texts = ["<image>\nWhat is it?", "Hi"]
+    out = processor(images=[image()], text=texts, padding=True, padding_side="left", return_offsets_mapping=True)
+    for text, ids, offsets, mask in zip(texts, out["input_ids"], out["offset_mapping"], out["attention_mask"]):
+        assert len(offsets) == len(ids)
+        real = [(t, o) for t, o, m in zip(ids, offsets, mask) if m]
+        for token, (start, end) in real:
+            if token == processor.tokenizer.bos_token_id:
+                assert start == end
+            elif token == processor.image_token_id:
+                assert text[start:end] == "<image>"
+            else:
+                assert 0 <= start < end <= len(text)
+        starts = [start for _, (start, _) in real]
+        assert starts == sorted(starts)
+        words = [text[a:b].strip() for t, (a, b) in real if t != processor.image_token_id]
+        assert "".join(words) == "".join(text.replace("<image>", "").split())
+    assert out["offset_mapping"][1][0] == (0, 0) and out["attention_mask"][1][0] == 0  # left padding
