@@ -386,3 +386,17 @@ def test_multipath_use_adapters_reads_the_old_freeze_vision(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**saved, "freeze_vision": freeze_vision}))
         old = MultiPathVisionConfig.from_pretrained(tmp_path)
         assert old.use_adapters is use_adapters and old.freeze_vision is freeze_vision
+
+
+def test_image_token_count_check_does_not_break_a_compiled_graph(tiny_model):
+    """The count check is a tensor condition (no `int()` / `.item()`): the merge traces as one graph."""
+    ids, pixel_values = sample_inputs()
+    backbone = tiny_model.model
+    with torch.no_grad():
+        embeds, features = backbone.get_input_embeddings()(ids), backbone.get_image_features(pixel_values)
+        torch._dynamo.reset()
+        merge = torch.compile(backbone.merge_image_features, fullgraph=True, backend="eager")
+        assert torch.equal(merge(ids, embeds, features), backbone.merge_image_features(ids, embeds, features))
+        with pytest.raises((RuntimeError, ValueError)):
+            merge(ids, embeds, features[:1])
+    torch._dynamo.reset()
