@@ -293,6 +293,8 @@ class InternVLChatProcessor(ProcessorMixin):
         # ours (`supervised_token_mask`) marks those that *start* in it, as the original label arithmetic and our
         # training collator do, so a TRL `assistant_only_loss=True` run trains on exactly the same tokens. Our
         # offsets are already in the coordinates of the rendered text (no placeholder shift to undo).
+        # Version note: transformers >= 5.18 routes the masks through this method; 5.17 computes them inline with
+        # its own rule (TRL refuses assistant-only loss on vision data below 5.18). Nothing to delete until then.
         """
         offset_mapping = processed_dict.pop("offset_mapping")
         processed_dict.pop("text_replacement_offsets", None)

@@ -202,7 +202,7 @@ def render_chat(
 ) -> str:
     """Render ``messages`` with template ``template`` (a registered name or a jinja source) to a string.
 
-    Extra keyword arguments are template variables (e.g. ``double_bos=True`` for ``llama3``).
+    Extra keyword arguments are template variables (e.g. ``double_bos=False`` for a single-BOS ``llama3``).
     """
     return _render(messages, template, add_generation_prompt, template_kwargs)[0]
 
@@ -235,7 +235,7 @@ def encode_chat(
             whole text in one call (text-only use, ``test_templates``).
         image_seq_length: image-token ids per placeholder (576 for CLIP-L/336, ``processor.image_seq_length``).
         image_token_id: id of the image token (default: looked up in the tokenizer).
-        **template_kwargs: template variables (e.g. ``double_bos=True`` for ``llama3``).
+        **template_kwargs: template variables (e.g. ``double_bos=False`` for a single-BOS ``llama3``).
 
     Returns:
         ``{"input_ids": list[int], "assistant_masks": list[int], "text": str, "image_positions": list[int],
