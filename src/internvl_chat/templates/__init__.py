@@ -124,8 +124,8 @@ TEMPLATES: dict[str, TemplateSpec] = {
             file="llama3.jinja",
             stop_strings=("<|eot_id|>",),
             description=(
-                "Llama-3 header layout of LLaVA-pp / LLaVAR-2 (Llama-3.1-8B); writes '<|begin_of_text|>'; "
-                "template variable double_bos=True writes it twice, as the LLaVAR-2 checkpoints were trained."
+                "Llama-3 header layout of LLaVA-pp / LLaVAR-2 (Llama-3.1-8B); writes '<|begin_of_text|>' twice, as "
+                "the LLaVAR-2 checkpoints were trained; template variable double_bos=False writes it once."
             ),
         ),
     )
