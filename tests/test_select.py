@@ -484,7 +484,7 @@ def test_resume_gives_same_scores_and_bad_images_are_reported(tiny, tmp_path):
     # another text model invalidates the IFD losses only: the samples are rescored; FFD is added, mIFD's kept
     fourth = ConditionalLossScorer(model, processor, text_model_name="other", show_progress=False)
     fourth.score(samples, "ifd", scores_path=path)
-    assert fourth.stats["scored"] == 5
+    assert fourth.stats["scored"] == 7  # IFD is text-only: the samples with a bad image get one too
     ffd = ConditionalLossScorer(model, processor, show_progress=False)
     merged = ffd.score(samples, "ffd", scores_path=path)
     s2 = {(u["unit"], u["qa_id"]): u for u in merged["s2"]["units"]}
@@ -570,7 +570,7 @@ def test_ffd_selection_keeps_duos(tiny, tmp_path):
     (folder / "d.json").write_text(json.dumps(records))
     out = tmp_path / "ffd.json"
     argv = [str(folder / "d.json"), "--image-folder", str(folder), "--model", str(model_dir), "--metric", "ffd"]
-    assert select_main([*argv, "--keep", "1", "--max-ratio", "inf", "--order", "lowest", "--output", str(out)]) == 0
+    assert select_main([*argv, "--keep", "0.5", "--max-ratio", "inf", "--order", "lowest", "--output", str(out)]) == 0
     scores = read_scores(tmp_path / "ffd.scores.jsonl")["d"]["units"]
     ffd = {u["qa_id"]: u["loss"]["qa2|i,qa1"] / u["loss"]["qa2|i"] for u in scores}
     (best,) = [q for q in ffd if ffd[q] == min(ffd.values())]
