@@ -1,9 +1,10 @@
 """The Gradio web UI in headless Chromium (Selenium driving Debian's chromium + chromium-driver).
 
 Uploads an image, asks a question, watches the answer stream in (a MutationObserver records every update of the
-bot message), checks the final answer against the engine's own, then Regenerate and Clear. The screenshot is kept
-as tests/artifacts/web_ui.png. Skipped, with the reason, when chromium / chromedriver / selenium are missing
-(CI: `apt-get install -y chromium chromium-driver` and `pip install selenium`).
+bot message), checks the final answer against the engine's own, then Regenerate and Clear; while a long answer
+streams, Send / Regenerate / Clear are disabled and Stop ends it; a page from another origin cannot make the API
+server run anything. The screenshot is kept as tests/artifacts/web_ui.png. Skipped, with the reason, when chromium /
+chromedriver / selenium are missing (CI: `apt-get install -y chromium chromium-driver` and `pip install selenium`).
 """
 
 import os
@@ -156,3 +157,135 @@ def test_upload_ask_stream_regenerate_clear(web, browser, tmp_path):
 
     browser.find_element(By.ID, "clear").click()
     WebDriverWait(browser, 20).until(lambda d: not bot_messages(d))
+
+
+class PacedBackend:
+    """The real in-process backend, its deltas shown at most 20 a second: the tiny model writes 1000 tokens in well
+    under a second, too fast for a browser to act while an answer streams."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+
+    def open(self, *args):
+        from internvl_chat.serve.web import AnswerStream
+
+        answer = self.inner.open(*args)
+
+        def paced():
+            for delta in answer:
+                time.sleep(0.05)
+                yield delta
+
+        return AnswerStream(paced(), answer.cancel)
+
+
+@pytest.fixture(scope="module")
+def web_long(web):
+    """A second demo on the same engine whose answers run long (1024 tokens, paced), to act while one streams."""
+    from internvl_chat.serve.web import InProcessBackend, build_demo, launch
+
+    _, engine = web
+    demo = build_demo(PacedBackend(InProcessBackend(engine, "tiny-llava")), temperature=0.0, max_tokens=1024)
+    _, url, _ = launch(demo, port=free_port(), block=False)
+    yield url
+    demo.close()
+
+
+def button(driver, elem_id):
+    from selenium.webdriver.common.by import By
+
+    element = driver.find_element(By.ID, elem_id)
+    return element if element.tag_name == "button" else element.find_element(By.TAG_NAME, "button")
+
+
+def test_buttons_locked_while_streaming_then_stop_and_clear(web, web_long, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from internvl_chat.serve.engine import SamplingParams
+
+    _, engine = web
+    browser.get(web_long)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#textbox textarea"))
+    browser.find_element(By.CSS_SELECTOR, "#textbox textarea").send_keys("Tell me everything.")
+    button(browser, "send").click()
+    wait.until(lambda d: (bot_messages(d) or [""])[-1].strip())  # the answer is streaming
+
+    # While it streams: no second answer can be started, and Clear cannot pull the conversation away under it.
+    locked = ("regenerate", "clear", "send")
+    WebDriverWait(browser, 20).until(lambda d: not any(button(d, b).is_enabled() for b in locked))
+    assert button(browser, "stop").is_enabled()
+    submitted = engine.stats.submitted
+    browser.execute_script("document.querySelector('#regenerate').click()")
+    assert engine.stats.submitted == submitted
+
+    # Stop: the answer ends early, the buttons come back, the partial answer stays.
+    button(browser, "stop").click()
+    wait.until(lambda d: button(d, "regenerate").is_enabled() and button(d, "clear").is_enabled())
+    assert not button(browser, "stop").is_enabled()
+    partial = wait_stable_answer(browser, count=1)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Tell me everything."}]}]
+    full = "".join(engine.generate(messages, [], SamplingParams(max_new_tokens=1024), image_aspect_ratio="pad"))
+    assert partial and len(" ".join(partial.split())) < len(" ".join(full.split())) // 2
+    assert engine.stats.submitted == submitted + 1  # only our reference answer since
+
+    button(browser, "clear").click()
+    WebDriverWait(browser, 20).until(lambda d: not bot_messages(d))
+    assert not browser.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=user]")
+
+
+CROSS_ORIGIN_PAGE = """<!doctype html><html><body><script>
+window.attack = async function (api) {
+  const body = JSON.stringify({model: "tiny-llava", max_tokens: 2,
+                               messages: [{role: "user", content: "Reply with something"}]});
+  const results = [];
+  // A "simple" request: no CORS preflight, the browser sends it and only hides the answer from the page.
+  try { await fetch(api, {method: "POST", mode: "no-cors", headers: {"content-type": "text/plain"}, body});
+        results.push("sent"); } catch (e) { results.push("blocked: " + e); }
+  try { const r = await fetch(api, {method: "POST", headers: {"content-type": "application/json"}, body});
+        results.push("read " + r.status); } catch (e) { results.push("blocked: " + e); }
+  return results;
+};
+</script></body></html>"""
+
+
+def test_a_web_page_cannot_drive_the_api(web, browser, tmp_path):
+    """A page from another origin (another loopback port) posts to the API server from a real browser: nothing
+    reaches the model."""
+    import threading
+
+    import uvicorn
+
+    from internvl_chat.serve.server import ServerConfig, create_app
+
+    _, engine = web
+    api_port, page_port = free_port(), free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, ServerConfig(model_name="tiny-llava")), port=api_port, log_level="error")
+    )
+    threading.Thread(target=server.run, daemon=True).start()
+    (tmp_path / "index.html").write_text(CROSS_ORIGIN_PAGE)
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    page_server = http.server.ThreadingHTTPServer(("127.0.0.1", page_port), handler)
+    threading.Thread(target=page_server.serve_forever, daemon=True).start()
+    try:
+        for _ in range(100):  # bounded: 10 s for uvicorn to start
+            if server.started:
+                break
+            time.sleep(0.1)
+        submitted = engine.stats.submitted
+        browser.get(f"http://127.0.0.1:{page_port}/index.html")
+        api = f"http://localhost:{api_port}/v1/chat/completions"
+        browser.set_script_timeout(30)
+        results = browser.execute_async_script("window.attack(arguments[0]).then(arguments[1]);", api)
+        assert results[0] == "sent", results  # the browser did send the text/plain POST...
+        assert results[1].startswith("blocked"), results  # ...and refused the JSON one for lack of CORS
+        assert engine.stats.submitted == submitted  # the server ran neither
+    finally:
+        page_server.shutdown()
+        page_server.server_close()
+        server.should_exit = True
