@@ -4,6 +4,7 @@ plus the safety rules (weights_only pickles, missing shards, truncated files, wr
 """
 
 import json
+import re
 import shutil
 import types
 
@@ -188,14 +189,15 @@ def test_stage1_projector_over_base(tmp_path):
         convert(src, tmp_path / "out2")
 
 
-def write_lora(tmp_path, llava):
+def write_lora(tmp_path, llava, **lora):
     """LLaVA's LoRA output: PEFT adapter over the LLM + non_lora_trainables.bin + the llava config.json."""
     from peft import LoraConfig, get_peft_model
 
     base_llm = llm_of(llava)
     base = write_base_llm(tmp_path / "vicuna", base_llm)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(llm_of(llava), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": targets, **lora})
+    peft_model = get_peft_model(llm_of(llava), config)
     generator = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -237,25 +239,98 @@ def test_lora_merged_and_kept(tmp_path):
     assert (logits(adapted, ids, pixel_values)[..., : fx.VOCAB] - expected).abs().max().item() <= ATOL
 
 
+def test_lora_cli_merges_by_default(tmp_path):
+    """`convert SRC DST --from lora --model-base BASE` merges, as --help and the docs say; --keep-adapter keeps."""
+    from internvl_chat.cli import main
+
+    llava = fx.reference_llava(seed=9)
+    src, base, merged, _ = write_lora(tmp_path, llava)
+    ids, pixel_values = fx.image_inputs()
+    expected = ref_logits(merged, ids, clip_features(llava, pixel_values))
+    argv = ["convert", str(src), None, "--from", "lora", "--model-base", str(base)]
+    for name, extra in (("default", []), ("merge", ["--merge-lora"]), ("keep", ["--keep-adapter"])):
+        argv[2] = str(tmp_path / name)
+        assert main([*argv, *extra]) == 0
+    for name in ("default", "merge"):
+        assert not (tmp_path / name / "adapter").exists()
+        assert json.loads((tmp_path / name / "conversion.json").read_text())["merged_lora"] is True
+        diff = logits(load(tmp_path / name), ids, pixel_values)[..., : fx.VOCAB] - expected
+        assert diff.abs().max().item() <= ATOL
+    assert (tmp_path / "keep" / "adapter" / "adapter_config.json").is_file()
+    unmerged = logits(load(tmp_path / "keep"), ids, pixel_values)[..., : fx.VOCAB]
+    assert (unmerged - expected).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_rank_and_alpha_patterns_match_peft_merge(tmp_path, rslora):
+    """Per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern, leaf names and full paths) merge with
+    PEFT's own scale, and a kept adapter carries them over to our module names."""
+    from peft import PeftModel
+
+    llava = fx.reference_llava(seed=13)
+    patterns = dict(
+        rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 8},
+        alpha_pattern={"v_proj": 32, "layers.0.self_attn.o_proj": 3},
+        use_rslora=rslora,
+    )
+    src, base, merged, _ = write_lora(tmp_path, llava, **patterns)
+    from safetensors.torch import load_file
+
+    saved = load_file(src / "adapter_model.safetensors")  # the patterns took effect in PEFT
+    assert saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 2
+    assert saved["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape[0] == 8
+    assert saved["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape[0] == 4
+    ids, pixel_values = fx.image_inputs()
+    expected = ref_logits(merged, ids, clip_features(llava, pixel_values))
+
+    info = convert(src, tmp_path / "merged", model_base=base)
+    assert info["lora_pattern_modules"] == 6  # 2 q_proj, 1 down_proj, 2 v_proj, 1 o_proj
+    ours = logits(load(tmp_path / "merged"), ids, pixel_values)[..., : fx.VOCAB]
+    assert (ours - expected).abs().max().item() <= ATOL
+
+    convert(src, tmp_path / "kept", model_base=base, keep_adapter=True)
+    adapted = PeftModel.from_pretrained(load(tmp_path / "kept"), tmp_path / "kept" / "adapter").eval()
+    kept = logits(adapted, ids, pixel_values)[..., : fx.VOCAB]
+    assert (kept - expected).abs().max().item() <= ATOL
+
+
+def test_lora_rank_that_contradicts_the_weights_is_named(tmp_path):
+    llava = fx.reference_llava(seed=9)
+    src, base, _, _ = write_lora(tmp_path, llava)
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"k_proj": 16}
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=r"adapter_config\.json: model\.layers\.0\.self_attn\.k_proj has rank 16"
+    ):
+        convert(src, tmp_path / "out", model_base=base)
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # InternVL-Chat-ViT-6B: InternViT inside the checkpoint (fused qkv) vs transformers' InternVLVisionModel
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_internvl_chat_vit6b(tmp_path):
+def write_internvl(tmp_path, tower_name, embed_tower=True):
+    """InternVL-Chat-ViT-6B: LLM + projector (+ InternViT inside the checkpoint) and an InternVisionModel folder.
+    Returns (src, tower_dir, the transformers InternVLVisionModel reference, llm, projector)."""
     import test_intern_vit as tiv
 
     vit = tiv.reference_model(seed=2)  # transformers InternVLVisionModel, 28px, 4 layers of width 64
     tower = tiv.hf_internvl_vision_to_intern_vit(vit.state_dict(), tiv.LAYERS)
     llm = fx.randomize_(LlamaForCausalLM(LlamaConfig(**fx.LLM, vocab_size=fx.VOCAB)), seed=4).eval()
+    generator = torch.Generator().manual_seed(6)
     proj = {
-        "model.mm_projector.0.weight": torch.randn(32, tiv.HIDDEN) * 0.1,
-        "model.mm_projector.0.bias": torch.randn(32) * 0.1,
-        "model.mm_projector.2.weight": torch.randn(32, 32) * 0.1,
-        "model.mm_projector.2.bias": torch.randn(32) * 0.1,
+        "model.mm_projector.0.weight": torch.randn(32, tiv.HIDDEN, generator=generator) * 0.1,
+        "model.mm_projector.0.bias": torch.randn(32, generator=generator) * 0.1,
+        "model.mm_projector.2.weight": torch.randn(32, 32, generator=generator) * 0.1,
+        "model.mm_projector.2.bias": torch.randn(32, generator=generator) * 0.1,
     }
-    state = {**llm.state_dict(), **proj, **{"model.vision_tower.vision_tower." + k: v for k, v in tower.items()}}
-    src, tower_dir = tmp_path / "InternVL-Chat-ViT-6B-Vicuna-7B", tmp_path / "intern_vit_6b_224px"
+    state = {**llm.state_dict(), **proj}
+    if embed_tower:
+        state.update({"model.vision_tower.vision_tower." + k: v for k, v in tower.items()})
+    src, tower_dir = tmp_path / "InternVL-Chat-ViT-6B-Vicuna-7B", tmp_path / tower_name
     fx.write_sharded(src, fx.add_inv_freq(state), fmt="bin", shards=3)
     fx.write_json(
         tower_dir / "config.json",
@@ -278,17 +353,15 @@ def test_internvl_chat_vit6b(tmp_path):
             "initializer_factor": 0.1,
         },
     )
+    if not embed_tower:  # InternVisionModel's own keys (embeddings.*, encoder.*)
+        save_file({k: v.contiguous() for k, v in tower.items()}, str(tower_dir / "model.safetensors"))
     config = fx.original_config(mm_vision_tower=str(tower_dir), mm_hidden_size=tiv.HIDDEN, mm_vision_select_layer=-4)
     fx.write_json(src / "config.json", config)
     fx.copy_tokenizer(src)
+    return src, tower_dir, vit, llm, proj
 
-    assert detect_format(src) == "internvl"
-    info = convert(src, tmp_path / "out", image_size=42)  # the tiny 28px tower run larger, as 224 → 336
-    ours = load(tmp_path / "out")
-    assert ours.config.vision_config.model_type == "intern_vit_6b" and ours.config.image_seq_length == 9
-    processor = AutoProcessor.from_pretrained(tmp_path / "out")
-    assert tuple(processor.image_processor.image_mean) == (0.485, 0.456, 0.406)
-    ids, pixel_values = fx.image_inputs(n_img=9, size=42)
+
+def internvl_expected(vit, llm, proj, ids, pixel_values):
     with torch.no_grad():
         hidden = vit(pixel_values, output_hidden_states=True).hidden_states[-4][:, 1:]
     features = F.linear(
@@ -296,9 +369,55 @@ def test_internvl_chat_vit6b(tmp_path):
         proj["model.mm_projector.2.weight"],
         proj["model.mm_projector.2.bias"],
     )
-    expected = ref_logits(llm, ids, features)
+    return ref_logits(llm, ids, features)
+
+
+def test_internvl_chat_vit6b(tmp_path):
+    src, _, vit, llm, proj = write_internvl(tmp_path, "intern_vit_6b_224px")
+    assert detect_format(src) == "internvl"
+    info = convert(src, tmp_path / "out", image_size=42)  # the tiny 28px tower run larger, as 224 → 336
+    ours = load(tmp_path / "out")
+    assert ours.config.vision_config.model_type == "intern_vit_6b" and ours.config.image_seq_length == 9
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    assert tuple(processor.image_processor.image_mean) == (0.485, 0.456, 0.406)
+    ids, pixel_values = fx.image_inputs(n_img=9, size=42)
+    expected = internvl_expected(vit, llm, proj, ids, pixel_values)
     assert (logits(ours, ids, pixel_values)[..., : fx.VOCAB] - expected).abs().max().item() <= ATOL
     assert info["template"] == "vicuna_v1"
+
+
+def test_internvl_explicit_tower_folder_decides(tmp_path):
+    """`--from internvl --vision-tower DIR`: a tower whose name does not say InternViT-6B is accepted when DIR's
+    config.json is an InternViT; a CLIP folder is refused, naming it."""
+    from internvl_chat.cli import main
+
+    src, tower_dir, vit, llm, proj = write_internvl(tmp_path, "my-vision-encoder", embed_tower=False)
+    config = json.loads((src / "config.json").read_text())
+    config["mm_vision_tower"] = "/data/checkpoints/my-vision-encoder"  # not local, no InternViT in the name
+    fx.write_json(src / "config.json", config)
+    out = tmp_path / "out"
+    argv = [
+        "convert",
+        str(src),
+        str(out),
+        "--from",
+        "internvl",
+        "--vision-tower",
+        str(tower_dir),
+        "--image-size",
+        "42",
+    ]
+    assert main(argv) == 0
+    ours = load(out)
+    assert ours.config.vision_config.model_type == "intern_vit_6b"
+    ids, pixel_values = fx.image_inputs(n_img=9, size=42)
+    expected = internvl_expected(vit, llm, proj, ids, pixel_values)
+    assert (logits(ours, ids, pixel_values)[..., : fx.VOCAB] - expected).abs().max().item() <= ATOL
+
+    clip_dir = tmp_path / "clip"
+    fx.write_json(clip_dir / "config.json", {"model_type": "clip_vision_model", **fx.CLIP})
+    with pytest.raises(CheckpointError, match=r"not look like a 'internvl'.*clip.*not InternViT"):
+        convert(src, tmp_path / "out2", fmt="internvl", vision_tower=clip_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -532,3 +651,148 @@ def test_unknown_and_missing_keys_are_named(tmp_path):
     shutil.rmtree(tmp_path / "out")
     with pytest.raises(CheckpointError, match=r"Missing weights.*model\.language_model\.layers\.1\.mlp\.down_proj"):
         convert(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "entry", ["../x.safetensors", "../../x.safetensors", "/etc/x.safetensors", "sub/../../x.safetensors"]
+)
+def test_shard_index_pointing_outside_is_refused(tmp_path, entry):
+    from internvl_chat.hub.checkpoint_io import UnsafeShardPath, weight_files
+
+    src, _ = fx.write_original_llava(tmp_path, fx.reference_llava(), fmt="safetensors")
+    outside = tmp_path / "x.safetensors"
+    save_file({"model.norm.weight": torch.zeros(32)}, str(outside))  # exists, so only the path rule can refuse it
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.norm.weight"] = entry
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(UnsafeShardPath, match=r"model\.safetensors\.index\.json.*" + re.escape(repr(entry))):
+        weight_files(src)
+    with pytest.raises(UnsafeShardPath, match="outside the checkpoint folder"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlinked_shards_inside_an_index_are_read(tmp_path):
+    """A Hub cache snapshot: every file is a symlink into ../../blobs; the index names plain files."""
+    llava = fx.reference_llava()
+    src, tower = fx.write_original_llava(tmp_path, llava, fmt="safetensors")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for shard in src.glob("model-*.safetensors"):
+        shard.rename(blobs / shard.name)
+        shard.symlink_to(blobs / shard.name)
+    convert(src, tmp_path / "out")
+    ids, pixel_values = fx.image_inputs()
+    diff = logits(load(tmp_path / "out"), ids, pixel_values) - logits(llava, ids, pixel_values)
+    assert diff[..., : fx.VOCAB].abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("content", ['{"version": "1.0", "model": ', '{"model": {"type": "Nope"}}'])
+def test_corrupt_tokenizer_json_is_one_named_line(tmp_path, capsys, content):
+    from internvl_chat.cli import main
+
+    src, _ = fx.write_original_llava(tmp_path, fx.reference_llava())
+    (src / "tokenizer.json").write_text(content)
+    with pytest.raises(CheckpointError, match=r"tokenizer"):
+        convert(src, tmp_path / "out")
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(src) in err[0] and "tokenizer" in err[0]
+    assert "Traceback" not in err[0] and not (tmp_path / "out").exists()
+
+
+def test_writer_streams_shard_by_shard_with_hub_plan(tmp_path):
+    """Each shard is written (and dropped from memory) as soon as its last tensor arrives; the plan is
+    huggingface_hub's; files get ordinary permissions, as the JSON files next to them."""
+    import os
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import load_file
+
+    from internvl_chat.hub.checkpoint_io import ShardedWriter
+
+    tensors = {f"layer.{i}.weight": torch.full((256,), float(i)) for i in range(10)}  # 1 KB each in float32
+    layout = {name: (tuple(t.shape), torch.bfloat16) for name, t in tensors.items()}
+    writer = ShardedWriter(tmp_path, layout, max_shard_size=1500)  # 512 B in bf16: two per shard
+    expected = split_torch_state_dict_into_shards(
+        {k: v.to(torch.bfloat16) for k, v in tensors.items()}, max_shard_size=1500
+    )
+    assert writer.split.filename_to_tensors == expected.filename_to_tensors
+    for i, (name, tensor) in enumerate(tensors.items()):
+        writer.add(name, tensor)
+        partials = sorted(p.name for p in tmp_path.glob("*.partial"))
+        assert len(partials) == (i + 1) // 2  # a shard is on disk as soon as it is complete
+        assert sum(len(b) for b in writer._buffers.values()) == (i + 1) % 2  # and no longer held
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == expected.tensor_to_filename
+    for filename, names in expected.filename_to_tensors.items():
+        loaded = load_file(tmp_path / filename)
+        assert set(loaded) == set(names) and all(loaded[n].dtype == torch.bfloat16 for n in names)
+        assert all(torch.equal(loaded[n].float(), tensors[n]) for n in names)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every verb: flags that share a `dest` default to the documented one
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _parsers(parser, path=()):
+    """(path, parser) for a parser and every sub-command parser below it."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def _minimal_argv(parser) -> list[str]:
+    """Values for the required arguments only, so every other dest keeps its default."""
+    argv = []
+    for action in parser._actions:
+        if action.option_strings and not action.required or action.nargs in ("?", "*", 0):
+            continue
+        if type(action).__name__ == "_SubParsersAction":
+            continue
+        value = str(next(iter(action.choices))) if action.choices else "1" if action.type in (int, float) else "x"
+        argv += [*action.option_strings[:1], value]
+        if action.nargs == "+" or isinstance(action.nargs, int) and action.nargs > 1:
+            argv += [value] * ((action.nargs if isinstance(action.nargs, int) else 1) - 1)
+    return argv
+
+
+@pytest.mark.parametrize("verb", sorted(__import__("internvl_chat.cli", fromlist=["VERBS"]).VERBS))
+def test_flags_sharing_a_dest_default_as_documented(verb):
+    """argparse takes a shared dest's default from the first flag registered: a `--merge-lora` (store_false) /
+    `--keep-adapter` pair then defaults to the opposite of its help. For every pair, the flag whose help says
+    "(default)" must be what parsing without either flag gives, and each flag must set its own value."""
+    import importlib
+    from collections import defaultdict
+
+    from internvl_chat.cli import VERBS
+
+    module = importlib.import_module(VERBS[verb][0])
+    for path, parser in _parsers(module.make_parser()):
+        groups = defaultdict(list)
+        for action in parser._actions:
+            if action.dest not in ("help", "==SUPPRESS==") and action.option_strings:
+                groups[action.dest].append(action)
+        for dest, actions in groups.items():
+            if len(actions) < 2:
+                continue
+            where = f"{verb} {' '.join(path)} {'/'.join(a.option_strings[0] for a in actions)}"
+            documented = [a for a in actions if "(default)" in (a.help or "")]
+            assert len(documented) == 1, f"{where}: exactly one flag's help must say '(default)'"
+            assert all(a.nargs == 0 for a in actions), f"{where}: shared dests are for flag pairs"
+            base = _minimal_argv(parser)
+            assert getattr(parser.parse_args(base), dest) == documented[0].const, f"{where}: default"
+            for action in actions:
+                parsed = parser.parse_args([*base, action.option_strings[0]])
+                assert getattr(parsed, dest) == action.const, f"{where}: {action.option_strings[0]}"
