@@ -114,12 +114,12 @@ def main(argv=None) -> int:
                 show_progress=False,
             )
             # warm-up on one chunk (kernels, allocator), then the timed run
-            scorer.score(samples[: scorer.chunk_size], spec.contexts, answers_mode=spec.answers)
+            scorer.score(samples[: scorer.chunk_size], args.metric)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            records = scorer.score(samples, spec.contexts, answers_mode=spec.answers)
+            records = scorer.score(samples, args.metric)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                     "batch_size": batch_size,
                     "seconds": round(seconds, 3),
                     "samples_per_s": round(len(samples) / seconds, 2),
-                    "sequences_per_sample": len(spec.contexts),
+                    "sequences_per_unit": len(spec.losses),
                     "scored_ok": ok,
                     "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
                     if device.startswith("cuda")
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         "model": "tiny" if args.tiny else "llava-v1.5-7b shapes (random weights)",
         "dtype": str(dtype).replace("torch.", ""),
         "metric": args.metric,
-        "contexts": list(spec.contexts),
+        "losses": list(spec.losses),
         "samples": args.samples,
         "answer_words": args.answer_words,
         "processes": accelerator.num_processes,
