@@ -5,10 +5,10 @@ input loading errors and mode conversion.
 The module is loaded from its file path (not through the package) to check that it is self-contained, as it must
 be when copied flat into a checkpoint as remote code."""
 
-import base64
 import importlib.util
 import io
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -154,6 +154,93 @@ def test_pad_canvas_colour(stats, color):
     assert ipi.expand_to_square(square, color) is square
 
 
+# ------------------------------------------------------------------ pad without the canvas
+
+
+PAD_SHAPES = [(60, 40), (40, 60), (1000, 3), (3, 1000), (336, 100), (100, 336), (337, 20), (20, 337), (335, 334)]
+
+
+@pytest.mark.parametrize("shape", PAD_SHAPES + [(2000, 50), (50, 2000)])
+@pytest.mark.parametrize("resample", range(6))  # nearest, lanczos, bilinear, bicubic, box, hamming
+def test_pad_resize_equals_canvas_resize(shape, resample, monkeypatch):
+    """The PIL backend's two-pass pad (no max(w, h)² canvas) gives the canvas's bytes exactly, strips included."""
+    monkeypatch.setattr(ipi, "_STRIP_PIXELS", 3000)  # several strips for the portrait shapes
+    image = random_image(*shape, seed=sum(shape))
+    for size, color in [(28, (122, 116, 104)), (336, (123, 116, 103))]:
+        expected = ipi.expand_to_square(image, color).resize((size, size), resample=resample)
+        assert ipi._pad_resize_pil(image, size, resample, color).tobytes() == expected.tobytes()
+
+
+def test_pad_resize_equals_canvas_resize_random_shapes():
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        w, h = (int(v) for v in rng.integers(1, 700, 2))
+        image = random_image(w, h, seed=w * h)
+        expected = ipi.expand_to_square(image, (122, 116, 104)).resize((336, 336), resample=3)
+        assert ipi._pad_resize_pil(image, 336, 3, (122, 116, 104)).tobytes() == expected.tobytes(), (w, h)
+
+
+def _rss_peak_delta(fn):
+    """Peak resident memory (bytes) while fn runs, above the resident memory before it (Linux: VmHWM reset)."""
+
+    def status(key):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pytest.skip("needs Linux /proc/self/clear_refs to measure peak memory")
+    before = status("VmRSS")
+    result = fn()
+    return status("VmHWM") - before, result
+
+
+def test_extreme_aspect_ratio_pad_bounded_memory():
+    """A 32768x512 image padded to 336 (its 32768² canvas would take 3.2 GB): processed by the PIL backend with a
+    small peak; refused before any allocation by the torchvision backend (which builds the canvas)."""
+    width, height = 32768, 512
+    image = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (height, width // 256))).convert("RGB")
+    proc = Processor(size=336)
+    delta, out = _rss_peak_delta(lambda: proc(image)["pixel_values"])
+    assert out.shape == (1, 3, 336, 336)
+    assert delta < 400 * 2**20, f"peak grew by {delta / 2**20:.0f} MB"
+    # rows far from the image are the pad colour; the middle rows hold the image
+    colour = torch.tensor([(c / 255 - m) / s for c, m, s in zip(proc.background_color, *CLIP)]).view(3, 1)
+    assert torch.allclose(out[0, :, 0, :], colour.expand(3, 336), atol=1e-6)
+    assert not torch.allclose(out[0, :, 168, :], colour.expand(3, 336), atol=1e-2)
+    # the check counts the buffer: a lower limit refuses it, and "square" / "resize" are counted as well
+    proc.check_image_size(width, height, max_image_pixels=4096 * 4096)  # a server's decode limit: fine
+    with pytest.raises(ipi.ImageTooLargeError, match=r"65536x256 in 'pad' mode"):  # 336 x 65536 > 4096²
+        proc.check_image_size(65536, 256, max_image_pixels=4096 * 4096)
+    assert ipi.preprocess_pixels(width, height, "pad", 336, "pil") == 336 * width
+    assert ipi.preprocess_pixels(width, height, "pad", 336, "torchvision") == width * width
+    assert ipi.preprocess_pixels(65536, 16, "square", 336, "pil") == 336 * 65536 // 16 * 336
+    with pytest.raises(ipi.ImageTooLargeError, match="'square' mode"):
+        proc(np.zeros((16, 65536, 3), np.uint8), image_aspect_ratio="square")
+    if HAS_TORCHVISION:
+
+        def refuse():
+            with pytest.raises(ipi.ImageTooLargeError, match=r"32768x512 in 'pad' mode \(torchvision"):
+                proc(image, backend="torchvision")
+
+        delta, _ = _rss_peak_delta(refuse)
+        assert delta < 100 * 2**20
+
+
+def test_small_pixel_limit_does_not_refuse_ordinary_images():
+    """The preprocessing budget never drops below PREPROCESS_FLOOR_PIXELS: a 300x200 image under a 256² decode
+    limit is padded (its 336x300 intermediate is larger than the image)."""
+    proc = Processor(max_image_pixels=256 * 256)
+    image = random_image(300, 200)
+    assert torch.equal(proc(image)["pixel_values"], Processor()(image)["pixel_values"])
+    proc.check_image_size(300, 200)
+    with pytest.raises(ipi.ImageTooLargeError, match="300x300"):
+        proc.check_image_size(300, 300)
+
+
 # ------------------------------------------------------------------ batching, inputs, options
 
 
@@ -172,22 +259,19 @@ def test_batching_nested_and_return_types():
     assert proc.image_size == 28 and proc.model_input_names == ["pixel_values"]
     with pytest.raises(ValueError, match="no images"):
         proc([])
+    with pytest.raises(ValueError, match="return_tensors"):
+        proc([a], return_tensors="tf")
 
 
 def test_all_input_types_give_same_tensor(tmp_path):
     image = random_image(30, 20)
     path = tmp_path / "x.png"
     image.save(path)
-    data = path.read_bytes()
-    b64 = base64.b64encode(data).decode()
     arr = np.asarray(image)
     sources = [
-        str(path),
+        str(path),  # through transformers' load_image (fetch_images)
         path,
-        data,
-        bytearray(data),
-        f"data:image/png;base64,{b64}",
-        b64,
+        Image.open(path),  # lazily opened
         arr,
         torch.from_numpy(arr.copy()).permute(2, 0, 1),
         torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255,
@@ -197,6 +281,18 @@ def test_all_input_types_give_same_tensor(tmp_path):
     expected = proc(image)["pixel_values"]
     for source in sources:
         assert torch.equal(proc(source)["pixel_values"], expected), type(source)
+
+
+def test_no_loading_code_in_the_hub_unit():
+    """Bytes, data URLs and base64 are the package loader's job (internvl_chat.data.images), not the Hub unit's."""
+    import ast
+
+    tree = ast.parse(_PATH.read_text())
+    modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not modules & {"base64", "binascii", "io", "urllib", "urllib.request", "urllib.parse", "httpx"}, modules
+    with pytest.raises(TypeError, match="bytes"):
+        Processor()(_png_bytes(random_image(4, 4)))
 
 
 def test_overrides_per_call():
@@ -220,6 +316,10 @@ def test_overrides_per_call():
         {"size": {"height": 3, "width": 4}},
         {"image_mean": [0.5, 0.5]},
         {"max_image_pixels": 0},
+        {"alpha_background": [255, 255]},
+        {"alpha_background": [0, 0, 256]},
+        {"alpha_background": "white"},
+        {"alpha_background": [True, 0, 0]},
     ],
 )
 def test_invalid_options(kwargs):
@@ -237,6 +337,7 @@ def test_save_load_round_trip(tmp_path):
         backend="torchvision",
         max_image_pixels=None,
         do_convert_rgb=True,
+        alpha_background=(255, 255, 255),
     )
     proc.save_pretrained(tmp_path)
     saved = (tmp_path / "preprocessor_config.json").read_text()
@@ -246,13 +347,16 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.image_aspect_ratio == "resize" and loaded.size == {"shortest_edge": 448}
     assert loaded.crop_size == {"height": 448, "width": 448} and loaded.max_image_pixels is None
     assert loaded.backend == "torchvision" and loaded.image_mean == list(ipi.IMAGENET_MEAN)
+    assert loaded.alpha_background == [255, 255, 255]
     image = random_image(30, 20)
     assert torch.equal(loaded(image)["pixel_values"], proc(image)["pixel_values"])
-    # defaults round-trip too, and from_pretrained kwargs override saved values
+    # defaults round-trip too (alpha_background written as null), and from_pretrained kwargs override saved values
     Processor().save_pretrained(tmp_path / "d")
+    assert '"alpha_background": null' in (tmp_path / "d" / "preprocessor_config.json").read_text()
     default = Processor.from_pretrained(tmp_path / "d", image_aspect_ratio="square")
     assert default.image_aspect_ratio == "square" and default.max_image_pixels == ipi.DEFAULT_MAX_IMAGE_PIXELS
     assert default.size == {"shortest_edge": 336} and default.image_mean == list(ipi.OPENAI_CLIP_MEAN)
+    assert default.alpha_background is None
 
 
 def test_fetch_images_keeps_nesting(tmp_path):
@@ -289,30 +393,17 @@ def test_error_corrupt_file_names_path(tmp_path):
         Processor()(str(path))
     with pytest.raises(ValueError, match=r"image #1 .*broken\.jpg"):
         Processor()([random_image(4, 4), str(path)])
-
-
-def test_error_truncated_file(tmp_path):
-    path = tmp_path / "trunc.png"
-    path.write_bytes(_png_bytes(random_image(64, 64))[:300])
-    with pytest.raises(ipi.ImageLoadError, match="trunc.png"):
-        ipi.load_image(str(path))
-
-
-def test_error_corrupt_bytes_and_base64_name_index():
-    with pytest.raises(ipi.ImageLoadError, match="image #2"):
-        Processor()([random_image(4, 4), random_image(4, 4), b"\x89PNG garbage"])
-    with pytest.raises(ipi.ImageLoadError, match="image #0"):
-        Processor()(b"")
-    with pytest.raises(ipi.ImageLoadError, match="image #0"):
-        Processor()("data:image/png;base64,@@@not-base64@@@")
-
-
-def test_error_missing_file_names_path(tmp_path):
-    missing = tmp_path / "nope.png"
-    with pytest.raises(FileNotFoundError, match="nope.png"):
-        Processor()(str(missing))
+    with pytest.raises(ipi.ImageLoadError, match="nope.png"):
+        Processor()(str(tmp_path / "nope.png"))
     with pytest.raises(TypeError):
         Processor()(12345)
+
+
+def test_error_truncated_lazy_image(tmp_path):
+    path = tmp_path / "trunc.png"
+    path.write_bytes(_png_bytes(random_image(64, 64))[:300])
+    with pytest.raises(ipi.ImageLoadError, match="image #0.*corrupt"):
+        Processor()(Image.open(path))
 
 
 @pytest.mark.parametrize(
@@ -326,18 +417,13 @@ def test_error_zero_size(source):
 def test_error_too_large_checked_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_with_header_size(9000, 9000))  # 81 MP claimed; the pixel data is 4x4
-    # header check refuses it: decoding would have raised "corrupt" instead
-    with pytest.raises(ipi.ImageTooLargeError, match=r"bomb\.png.*9000x9000"):
-        Processor(max_image_pixels=1_000_000)(str(path))
+    # a lazily opened image is refused from its header: decoding it would have raised "corrupt" instead
+    with pytest.raises(ipi.ImageTooLargeError, match=r"image #0.*9000x9000"):
+        Processor(max_image_pixels=1_000_000)(Image.open(path))
     # without our limit it gets decoded and fails as corrupt
-    with pytest.raises(ipi.ImageLoadError, match="bomb.png") as info:
-        Processor(max_image_pixels=None)(str(path))
+    with pytest.raises(ipi.ImageLoadError, match="image #0") as info:
+        Processor(max_image_pixels=None)(Image.open(path))
     assert not isinstance(info.value, ipi.ImageTooLargeError)
-    # PIL's own decompression-bomb error (> 2 x Image.MAX_IMAGE_PIXELS) is reported as too large as well
-    huge = tmp_path / "huge.png"
-    huge.write_bytes(_png_with_header_size(30000, 30000))
-    with pytest.raises(ipi.ImageTooLargeError, match="huge.png"):
-        Processor(max_image_pixels=None)(str(huge))
     with pytest.raises(ipi.ImageTooLargeError, match="image #0"):
         Processor(max_image_pixels=100)(random_image(20, 20))
     with pytest.raises(ipi.ImageTooLargeError, match="image #1"):
@@ -358,29 +444,134 @@ def test_error_unsupported_mode_shape_dtype():
 # ------------------------------------------------------------------ mode conversion
 
 
-def rgb_of(source):
-    return tuple(int(v) for v in np.asarray(ipi.load_image(source))[0, 0])
+def rgb_of(source, alpha_background=None):
+    image = source if isinstance(source, Image.Image) else ipi._to_pil(source, "test")
+    return tuple(int(v) for v in np.asarray(ipi.to_rgb(image, "test", alpha_background))[0, 0])
 
 
-def test_mode_conversion_alpha_composited_on_white():
-    assert rgb_of(Image.new("RGBA", (1, 1), (10, 20, 30, 0))) == (255, 255, 255)
-    assert rgb_of(Image.new("RGBA", (1, 1), (10, 20, 30, 255))) == (10, 20, 30)
-    half = rgb_of(Image.new("RGBA", (1, 1), (0, 0, 0, 128)))
+def convert_rgb(image):
+    """LLaVA's ``convert("RGB")``, with the ``transparency`` entry PIL carries over removed: transformers' CLIP
+    processors (5.x) would composite such an RGB image onto white, old ones (LLaVA's) ignored it."""
+    return Image.fromarray(np.asarray(image.convert("RGB")))
+
+
+def transparent_images():
+    """RGBA with real alpha (0..255, fully transparent pixels keeping a colour), LA, P with a transparency index,
+    PA, and L / RGB with a transparency entry -- each as LLaVA would see it: PIL's convert("RGB")."""
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (23, 37, 4), dtype=np.uint8)
+    rgba[:5, :, 3] = 0  # fully transparent rows
+    rgba[5:10, :, 3] = 255
+    la = rng.integers(0, 256, (31, 17, 2), dtype=np.uint8)
+    la[:, :3, 1] = 0
+    pal = Image.fromarray(rng.integers(0, 8, (19, 29), dtype=np.uint8), mode="L").convert("P")
+    pal.putpalette([int(v) for v in rng.integers(0, 256, 768)])
+    pal.info["transparency"] = 2
+    grey = rng.integers(0, 256, (12, 20), dtype=np.uint8)
+    grey[4:8, 8:12] = 7  # the transparent level, in the part "square" keeps
+    grey = Image.fromarray(grey, mode="L")
+    grey.info["transparency"] = 7
+    rgb_t = np.asarray(random_image(21, 13, seed=4)).copy()
+    rgb_t[4:9, 8:13] = (1, 2, 3)
+    rgb_t = Image.fromarray(rgb_t)
+    rgb_t.info["transparency"] = (1, 2, 3)
+    return {
+        "RGBA": Image.fromarray(rgba, mode="RGBA"),
+        "LA": Image.fromarray(la, mode="LA"),
+        "P": pal,
+        "PA": pal.convert("PA"),
+        "L+t": grey,
+        "RGB+t": rgb_t,
+        "clear": Image.new("RGBA", (30, 20), (10, 200, 30, 0)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(transparent_images()))
+@pytest.mark.parametrize("mode", ["pad", "square"])
+def test_alpha_dropped_like_convert_rgb(kind, mode):
+    """Default rule: the pixels are those of PIL's convert("RGB") (alpha dropped, hidden colours kept), then the
+    CLIP processing -- for a PIL image and for its PNG file opened lazily."""
+    image = transparent_images()[kind]
+    expected = reference(convert_rgb(image), mode, 336, *CLIP)
+    proc = Processor(image_aspect_ratio=mode)
+    assert (proc(image)["pixel_values"] - expected).abs().max().item() <= TOL
+    if kind != "PA":  # PNG has no PA mode
+        from_file = proc(Image.open(io.BytesIO(_png_bytes(image))))["pixel_values"]
+        assert (from_file - expected).abs().max().item() <= TOL
+    # a real difference from compositing, so the test would notice the other rule
+    composited = Processor(image_aspect_ratio=mode, alpha_background=[255, 255, 255])(image)["pixel_values"]
+    assert (composited - expected).abs().max().item() > 0.1
+
+
+def test_alpha_background_composites():
+    assert rgb_of(Image.new("RGBA", (1, 1), (10, 20, 30, 0))) == (10, 20, 30)  # default: dropped
+    assert rgb_of(Image.new("RGBA", (1, 1), (10, 20, 30, 0)), (255, 255, 255)) == (255, 255, 255)
+    assert rgb_of(Image.new("RGBA", (1, 1), (10, 20, 30, 0)), (0, 128, 0)) == (0, 128, 0)
+    assert rgb_of(Image.new("RGBA", (1, 1), (10, 20, 30, 255)), (255, 255, 255)) == (10, 20, 30)
+    half = rgb_of(Image.new("RGBA", (1, 1), (0, 0, 0, 128)), (255, 255, 255))
     assert all(abs(v - 127) <= 1 for v in half)
-    assert rgb_of(Image.new("LA", (1, 1), (0, 0))) == (255, 255, 255)
-    assert rgb_of(Image.new("LA", (1, 1), (40, 255))) == (40, 40, 40)
-    pal = Image.new("P", (2, 1))
-    pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
-    pal.putpixel((1, 0), 1)
-    pal.info["transparency"] = 0
-    assert tuple(np.asarray(ipi.load_image(pal))[0, 0]) == (255, 255, 255)
-    assert tuple(np.asarray(ipi.load_image(pal))[0, 1]) == (200, 100, 50)
-    # through a PNG file as well (tRNS chunk)
-    assert tuple(np.asarray(ipi.load_image(_png_bytes(pal)))[0, 0]) == (255, 255, 255)
-    assert rgb_of(pal.convert("PA")) == (255, 255, 255)
-    # RGBA arrays / tensors too
-    assert rgb_of(np.array([[[10, 20, 30, 0]]], np.uint8)) == (255, 255, 255)
-    assert rgb_of(torch.tensor([10, 20, 30, 0], dtype=torch.uint8).view(4, 1, 1)) == (255, 255, 255)
+    assert rgb_of(Image.new("LA", (1, 1), (0, 0)), (255, 255, 255)) == (255, 255, 255)
+    assert rgb_of(Image.new("LA", (1, 1), (40, 255)), (255, 255, 255)) == (40, 40, 40)
+    pal = transparent_images()["P"]
+    arr = np.asarray(ipi.to_rgb(pal, "p", (1, 2, 3)))
+    assert (arr[np.asarray(pal) == 2] == (1, 2, 3)).all() and (arr[np.asarray(pal) != 2] != (1, 2, 3)).any()
+    # arrays and tensors with an alpha channel follow the same rule
+    assert rgb_of(np.array([[[10, 20, 30, 0]]], np.uint8)) == (10, 20, 30)
+    assert rgb_of(np.array([[[10, 20, 30, 0]]], np.uint8), (255, 255, 255)) == (255, 255, 255)
+    assert rgb_of(torch.tensor([10, 20, 30, 0], dtype=torch.uint8).view(4, 1, 1), (9, 9, 9)) == (9, 9, 9)
+    for kind, image in transparent_images().items():
+        rgba = image.convert("RGBA")
+        expected = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 128, 255, 255)), rgba).convert("RGB")
+        out = Processor(alpha_background=[0, 128, 255])(image)["pixel_values"]
+        assert (out - reference(expected, "pad", 336, *CLIP)).abs().max().item() <= TOL, kind
+        per_call = Processor()(image, alpha_background=[0, 128, 255])["pixel_values"]
+        assert torch.equal(per_call, out), kind
+
+
+def test_alpha_rule_survives_remote_code_reload(tmp_path, monkeypatch):
+    """A processor saved with `auto_map` and reloaded with trust_remote_code -- in a fresh interpreter without this
+    package, from the copied file -- applies the saved rule: convert("RGB") by default, compositing when saved."""
+    import json
+    import subprocess
+
+    images = {k: v for k, v in transparent_images().items() if k != "PA"}  # PNG has no PA mode
+    for kind, image in images.items():
+        image.save(tmp_path / f"{kind}.png")
+    monkeypatch.setitem(sys.modules, ipi.__name__, ipi)  # save_pretrained copies the class's module file
+    for folder, background in (("drop", None), ("white", [255, 255, 255])):
+        proc = Processor(alpha_background=background, size=56)
+        type(proc).register_for_auto_class("AutoImageProcessor")
+        proc.save_pretrained(tmp_path / folder)
+        assert (tmp_path / folder / "image_processing_internvl_chat.py").exists()
+    code = (
+        "import json, sys, numpy as np\n"
+        "from PIL import Image\n"
+        "from transformers import AutoImageProcessor\n"
+        "root, kinds = sys.argv[1], json.loads(sys.argv[2])\n"
+        "for folder in ('drop', 'white'):\n"
+        "    proc = AutoImageProcessor.from_pretrained(f'{root}/{folder}', trust_remote_code=True)\n"
+        "    assert type(proc).__module__.startswith('transformers_modules'), type(proc).__module__\n"
+        "    out = proc([Image.open(f'{root}/{k}.png') for k in kinds], return_tensors='np')['pixel_values']\n"
+        "    np.save(f'{root}/{folder}.npy', out)\n"
+        "assert 'internvl_chat' not in sys.modules\n"
+    )
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), json.dumps(list(images))],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    dropped, white = np.load(tmp_path / "drop.npy"), np.load(tmp_path / "white.npy")
+    for i, kind in enumerate(images):
+        rgba = Image.open(tmp_path / f"{kind}.png")
+        expected = reference(convert_rgb(rgba), "pad", 56, *CLIP)[0].numpy()
+        assert np.abs(dropped[i] - expected).max() <= TOL, kind
+        on_white = Image.alpha_composite(Image.new("RGBA", rgba.size, (255,) * 4), rgba.convert("RGBA"))
+        expected = reference(on_white.convert("RGB"), "pad", 56, *CLIP)[0].numpy()
+        assert np.abs(white[i] - expected).max() <= TOL, kind
 
 
 def test_mode_conversion_plain_modes():
@@ -397,18 +588,18 @@ def test_mode_conversion_plain_modes():
 
 
 def test_mode_conversion_high_bit_depth_scaled_not_clipped():
+    def row(source):
+        image = source if isinstance(source, Image.Image) else ipi._to_pil(source, "test")
+        return np.asarray(ipi.to_rgb(image))[0, :, 0].tolist()
+
     values = np.array([[0, 32768, 65535, 300]], dtype=np.uint16)
     img16 = Image.fromarray(values)
     assert img16.mode == "I;16"
     assert np.asarray(img16.convert("L"))[0, 3] == 255  # what PIL alone does: clipping
-    out = np.asarray(ipi.load_image(img16))[0, :, 0]
-    assert out.tolist() == [0, 128, 255, 1]
-    assert np.asarray(ipi.load_image(_png_bytes(img16)))[0, :, 0].tolist() == [0, 128, 255, 1]  # 16-bit PNG
-    assert np.asarray(ipi.load_image(values))[0, :, 0].tolist() == [0, 128, 255, 1]  # uint16 array
-    as_i = Image.fromarray(values.astype(np.int32))
-    assert np.asarray(ipi.load_image(as_i))[0, :, 0].tolist() == [0, 128, 255, 1]
-    as_f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32))
-    assert np.asarray(ipi.load_image(as_f))[0, :, 0].tolist() == [0, 128, 255]
-    wide_f = Image.fromarray(np.array([[-1.0, 0.0, 1000.0]], np.float32))
-    assert np.asarray(ipi.load_image(wide_f))[0, :, 0].tolist() == [0, 0, 255]  # min-max stretched
-    assert np.asarray(ipi.load_image(np.array([[False, True]])))[0, :, 0].tolist() == [0, 255]
+    assert row(img16) == [0, 128, 255, 1]
+    assert row(Image.open(io.BytesIO(_png_bytes(img16)))) == [0, 128, 255, 1]  # 16-bit PNG
+    assert row(values) == [0, 128, 255, 1]  # uint16 array
+    assert row(Image.fromarray(values.astype(np.int32))) == [0, 128, 255, 1]
+    assert row(Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32))) == [0, 128, 255]
+    assert row(Image.fromarray(np.array([[-1.0, 0.0, 1000.0]], np.float32))) == [0, 0, 255]  # min-max stretched
+    assert row(np.array([[False, True]])) == [0, 255]

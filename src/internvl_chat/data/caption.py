@@ -183,7 +183,7 @@ def caption_images(
     """
     from tqdm.auto import tqdm
 
-    from ..modeling.image_processing_internvl_chat import DEFAULT_MAX_IMAGE_PIXELS, load_image
+    from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
     from .scoring import append_jsonl
 
     if style not in DEFAULT_PROMPTS:

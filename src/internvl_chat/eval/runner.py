@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import Sample, decode_image
+from ..data.images import load_image as decode_image
+from .tasks import Sample
 
 logger = logging.getLogger(__name__)
 

@@ -1,16 +1,28 @@
-"""Image processor for InternVL-Chat / LLaVA-style vision-language models.
+"""Image processor for InternVL-Chat / LLaVA-style vision-language models: PIL images / arrays -> ``pixel_values``.
 
 `InternVLChatImageProcessor` turns images into the `pixel_values` tensor `(N, 3, crop, crop)` (float32) that the
 vision tower expects. It reproduces LLaVA-1.5's preprocessing bit for bit:
 
+* mode: every image becomes 8-bit RGB first. By default transparency is dropped exactly as LLaVA's
+  ``PIL.Image.convert("RGB")`` drops it (RGBA, LA, PA, P or L with a transparency entry: the colour under a
+  transparent pixel is kept). ``alpha_background=[r, g, b]`` (saved in ``preprocessor_config.json``) composites
+  such images onto that colour instead, for models trained that way. See `to_rgb`.
 * ``image_aspect_ratio="pad"`` (LLaVA-1.5 finetune and eval, the default): the image is pasted centred on a square
   canvas of side ``max(w, h)`` filled with ``tuple(int(m * 255) for m in image_mean)`` -- (122, 116, 104) for the
   CLIP mean, (123, 116, 103) for the ImageNet mean -- at the floor-division offsets of LLaVA's ``expand2square``;
   then the CLIP processing: resize the shortest edge to ``size`` (bicubic), centre-crop to ``crop_size``, rescale by
-  ``1/255``, normalize with ``image_mean`` / ``image_std``.
+  ``1/255``, normalize with ``image_mean`` / ``image_std``. The PIL backend never builds the ``max(w, h)²`` canvas:
+  it runs PIL's two resize passes on the parts that hold image pixels (same arithmetic, identical bytes), so a
+  32768x512 image costs ``size x 32768`` pixels instead of 32768².
 * ``image_aspect_ratio="square"`` (stage-1 pretraining, the web demo's "Crop"): the CLIP processing alone.
 * ``image_aspect_ratio="resize"`` (the web demo's "Resize"): stretch to ``size x size`` (bicubic), then the same
   centre crop (a no-op when ``crop_size == size``), rescale and normalize.
+
+Memory guard: ``max_image_pixels`` bounds both the decoded image (width x height) and the largest buffer that
+preprocessing allocates (`preprocess_pixels`: the padded canvas with the torchvision backend, the intermediate of
+the resize passes otherwise -- extreme aspect ratios make these much larger than the image). Beyond it
+`ImageTooLargeError` is raised before anything is allocated; `check_image_size` runs the same check from an image's
+header size.
 
 With ``backend="pil"`` (default) the tensors equal those of transformers' ``CLIPImageProcessorPil`` (PIL flavour of
 ``CLIPImageProcessor``) to within 1e-6. ``backend="torchvision"`` resizes with ``torchvision.transforms.v2`` like the
@@ -23,10 +35,12 @@ reference (LLaVA used PIL). If torchvision is missing the PIL backend is used. [
 what `AutoImageProcessor.from_pretrained(..., backend=...)` keeps: that kwarg is consumed by the Auto class; set
 ``processor.backend`` after loading or pass ``backend=`` per call instead.
 
-Inputs may be PIL images, numpy arrays (HWC or HW; uint8, uint16, bool or float in [0, 1]), torch tensors (CHW or
-HW), file paths, raw bytes, ``data:image/...;base64,`` URLs, bare base64 strings or http(s) URLs, given one at a
-time, as a list, or as a nested list (a batch of lists, flattened in order). All of them go through
-:func:`load_image`, which checks the size before decoding and converts the mode to RGB properly.
+Inputs are PIL images (any mode), numpy arrays (HWC or HW; uint8, uint16, bool or float in [0, 1]) or torch tensors
+(CHW or HW), one at a time, as a list, or as a nested list (a batch of lists, flattened in order). Strings (paths,
+URLs) are opened by transformers' ``load_image`` (`fetch_images`), which applies EXIF orientation and its own
+``convert("RGB")`` -- so `alpha_background` cannot act on them; pass decoded images to keep the alpha channel.
+Loading files, URLs, base64 and bytes safely is not this file's job (the ``internvl_chat`` package does it in
+``internvl_chat.data.images``).
 
 Usage::
 
@@ -34,7 +48,7 @@ Usage::
 
     proc = InternVLChatImageProcessor(size=336, image_aspect_ratio="pad")      # CLIP-L/336 tower
     proc = InternVLChatImageProcessor(size=448, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)  # InternViT-448
-    pixel_values = proc(["a.jpg", pil_image], return_tensors="pt")["pixel_values"]  # (2, 3, 336, 336)
+    pixel_values = proc([pil_image, array], return_tensors="pt")["pixel_values"]  # (2, 3, 336, 336)
     proc.save_pretrained("ckpt")  # preprocessor_config.json; InternVLChatImageProcessor.from_pretrained("ckpt")
 
 This file is copied flat into saved checkpoints as remote code: it imports only numpy, PIL, torch and public
@@ -43,17 +57,13 @@ transformers API (torchvision lazily and optionally).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
@@ -72,6 +82,7 @@ PREPROCESS_OPTIONS = (
     "do_rescale",
     "do_normalize",
     "do_convert_rgb",
+    "alpha_background",
     "backend",
     "max_image_pixels",
 )
@@ -85,28 +96,35 @@ __all__ = [
     "ImageLoadError",
     "ImageTooLargeError",
     "InternVLChatImageProcessor",
+    "check_image_pixels",
+    "describe_image",
     "expand_to_square",
-    "load_image",
-    "load_images",
+    "image_size",
+    "PREPROCESS_FLOOR_PIXELS",
+    "preprocess_budget",
+    "preprocess_pixels",
     "to_rgb",
 ]
 
+# The one definition of the normalisation statistics (presets and converters import these).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Decompression-bomb guard: PIL's own warning threshold (~89.5 MP, e.g. 9459 x 9459). PIL itself refuses images
-# above twice this while opening; we refuse anything above `max_image_pixels` from the header alone, before the
-# pixel data is decoded. Set `max_image_pixels=None` to disable our check (PIL's 2x limit still applies to files).
+# above twice this while opening. The same number bounds the largest buffer preprocessing allocates.
+# Set `max_image_pixels=None` to disable our checks (PIL's 2x limit still applies to files).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 _BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 _MODES = ("pad", "square", "resize")
 _BACKENDS = ("pil", "torchvision")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_DATA_URL_RE = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w=.+-]+)*?)(?P<b64>;base64)?,", re.IGNORECASE)
-_BASE64_RE = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
+# Portrait "pad" without the full canvas: canvas rows are resized horizontally in strips of about this many pixels.
+_STRIP_PIXELS = 1 << 22
+# Preprocessing may always use buffers of this many pixels (4096², ~50 MB in RGB), whatever `max_image_pixels` says.
+PREPROCESS_FLOOR_PIXELS = 4096 * 4096
 
 
 class ImageLoadError(ValueError):
@@ -116,18 +134,20 @@ class ImageLoadError(ValueError):
 
 
 class ImageTooLargeError(ImageLoadError):
-    """The image has more pixels than ``max_image_pixels`` (decompression-bomb guard)."""
+    """The image, or a buffer its preprocessing would allocate, has more pixels than ``max_image_pixels``."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading and mode conversion
+# Size checks and mode conversion
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _describe(source: Any) -> str:
+def describe_image(source: Any) -> str:
     """Short human-readable description of an image source for error messages."""
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
+        if isinstance(text, bytes):
+            text = text.decode(errors="replace")
         if text.startswith("data:") or len(text) > 200:
             return f"{text[:40]!r}... ({len(text)} chars)"
         return repr(text)
@@ -142,13 +162,28 @@ def _describe(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _check_size(width: int, height: int, max_pixels: int | None, name: str) -> None:
+def check_image_pixels(width: int, height: int, max_pixels: int | None, name: str) -> None:
+    """Refuses a zero-size image (`ImageLoadError`) or one of more than `max_pixels` pixels (`ImageTooLargeError`)."""
     if width <= 0 or height <= 0:
         raise ImageLoadError(f"Image {name} has zero size ({width}x{height}).")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
             f"Image {name} is too large: {width}x{height} = {width * height} pixels > max_image_pixels={max_pixels}."
         )
+
+
+def _alpha_background(value: Any) -> list[int] | None:
+    """Validates an ``alpha_background`` option: None, or three ints in [0, 255] (a list, as JSON stores it)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise ValueError(f"alpha_background must be None or an [r, g, b] list of 3 ints in 0..255, got {value!r}.")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) <= 255:
+            raise ValueError(f"alpha_background must be None or an [r, g, b] list of 3 ints in 0..255, got {value!r}.")
+        out.append(int(v))
+    return out
 
 
 def _scale_to_uint8(arr: np.ndarray, kind: str, name: str) -> np.ndarray:
@@ -181,12 +216,21 @@ def _scale_to_uint8(arr: np.ndarray, kind: str, name: str) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def to_rgb(image: Image.Image, name: str = "<PIL image>") -> Image.Image:
-    """Convert a PIL image of any mode to a new 8-bit RGB image.
+def _has_transparency(image: Image.Image) -> bool:
+    bands = image.getbands()
+    return "A" in bands or "a" in bands or image.info.get("transparency") is not None
 
-    * Modes with transparency (RGBA, LA, PA, RGBa, La, and P/L/RGB with a ``transparency`` entry) are composited
-      onto white -- transformers' ``convert_to_rgb`` behaviour (5.18+): a fully transparent pixel becomes
-      (255, 255, 255). (LLaVA's original ``convert('RGB')`` drops alpha instead, keeping the hidden colour.)
+
+def to_rgb(
+    image: Image.Image, name: str = "<PIL image>", alpha_background: Sequence[int] | None = None
+) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB (the image itself when it already is RGB without transparency).
+
+    * Transparency (RGBA, LA, PA, RGBa, La, and P/L/RGB with a ``transparency`` entry): with
+      ``alpha_background=None`` (default) PIL's ``convert("RGB")``, as LLaVA and every model trained with its code:
+      alpha is dropped and a fully transparent pixel keeps the colour stored under it. With
+      ``alpha_background=(r, g, b)`` the image is alpha-composited onto that colour (a fully transparent pixel
+      becomes it), for models trained on composited images.
     * ``I;16*`` (16-bit) is scaled with round(v / 257); ``I`` (32-bit int) the same when its values fit in
       [0, 65535] (as 8-bit when in [0, 255]), else min-max stretched; ``F`` (float) is taken as [0, 1] when it fits
       there (x 255), as [0, 255] when it fits there, else min-max stretched. Never clipped.
@@ -200,12 +244,12 @@ def to_rgb(image: Image.Image, name: str = "<PIL image>") -> Image.Image:
             arr = np.asarray(image)
             kind = "16bit" if mode in _SIXTEEN_BIT_MODES else ("float" if mode == "F" else "int")
             return Image.fromarray(_scale_to_uint8(arr, kind, name)).convert("RGB")  # 2-D uint8 -> "L"
-        if "A" in image.getbands() or "a" in image.getbands() or image.info.get("transparency") is not None:
+        if alpha_background is not None and _has_transparency(image):
             rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            background = Image.new("RGBA", rgba.size, (*(int(v) for v in alpha_background), 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
-        if mode == "RGB":
-            return image.copy()
+        if mode == "RGB" and image.info.get("transparency") is None:
+            return image
         return image.convert("RGB")
     except ImageLoadError:
         raise
@@ -224,7 +268,7 @@ def _array_to_pil(arr: np.ndarray, name: str, channels_first: bool) -> Image.Ima
             f"Image {name} has an unsupported array shape {arr.shape}: expected HW or HWC with 1-4 channels"
             + (" (CHW for torch tensors)." if channels_first else ".")
         )
-    _check_size(arr.shape[1], arr.shape[0], None, name)
+    check_image_pixels(arr.shape[1], arr.shape[0], None, name)
     if arr.dtype == np.uint8:
         pass
     elif arr.dtype == np.bool_:
@@ -249,137 +293,45 @@ def _array_to_pil(arr: np.ndarray, name: str, channels_first: bool) -> Image.Ima
     return Image.fromarray(np.ascontiguousarray(arr))  # uint8 HW / HWx2 / HWx3 / HWx4 -> L / LA / RGB / RGBA
 
 
-def _open_encoded(fp: Any, name: str, max_pixels: int | None, convert: bool) -> Image.Image:
-    """Open encoded image data (path or file object): header size check, full decode, mode conversion."""
-    try:
-        with Image.open(fp) as img:
-            # [IMPORTANT] Image.open only parses the header: check the size BEFORE .load() decodes the pixels.
-            _check_size(img.width, img.height, max_pixels, name)
-            img.load()
-            return _finish(img, name, convert)
-    except ImageLoadError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise ImageTooLargeError(f"Image {name} is too large (PIL decompression-bomb limit): {err}") from err
-    except PermissionError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        # [IMPORTANT] Truncated files raise OSError in .load() unless ImageFile.LOAD_TRUNCATED_IMAGES is set
-        # globally (some training scripts do); then they silently decode with grey tails.
-        raise ImageLoadError(f"Image {name} is unreadable or corrupt: {type(err).__name__}: {err}") from err
-
-
-def _finish(img: Image.Image, name: str, convert: bool) -> Image.Image:
-    if convert:
-        return to_rgb(img, name)
-    if img.mode != "RGB":
-        raise ImageLoadError(f"Image {name} has mode {img.mode!r} but do_convert_rgb=False requires RGB input.")
-    return img.copy()
-
-
-def _decode_base64(text: str, name: str) -> bytes:
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ImageLoadError(f"Image {name}: invalid base64 data: {err}") from err
-
-
-def load_image(
-    source: Any,
-    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    name: str | None = None,
-    do_convert_rgb: bool = True,
-    timeout: float | None = 10.0,
-) -> Image.Image:
-    """Load one image from any supported source and return a new 8-bit RGB PIL image.
-
-    Args:
-        source: PIL image; numpy array (HW or HWC; uint8, uint16, bool, other ints in [0, 65535], floats in [0, 1]
-            or [0, 255]); torch tensor (CHW or HW, same dtypes); file path (str or PathLike); bytes/bytearray;
-            ``data:`` URL; bare base64 string; http(s) URL.
-        max_pixels: refuse images with more pixels than this (checked from the header, before decoding);
-            None disables the check.
-        name: how to name the source in error messages (default: the path, or a short description).
-        do_convert_rgb: convert the mode to RGB (see `to_rgb`); if False, non-RGB images are rejected.
-        timeout: seconds for http(s) downloads.
-
-    Raises:
-        ImageLoadError (ValueError): corrupt/undecodable data, zero size, unsupported mode/shape/dtype.
-        ImageTooLargeError (ImageLoadError): more than `max_pixels` pixels.
-        FileNotFoundError / PermissionError (OSError): a path that does not exist or cannot be read.
-        TypeError: an object that is not an image source.
-    """
-    if max_pixels is not None and max_pixels <= 0:
-        raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}.")
-    name = name or _describe(source)
-
+def image_size(source: Any) -> tuple[int, int] | None:
+    """(width, height) of a PIL image / HWC array / CHW tensor without converting it; None when unknown."""
     if isinstance(source, Image.Image):
-        _check_size(source.width, source.height, max_pixels, name)
+        return source.width, source.height
+    if isinstance(source, torch.Tensor) and source.ndim >= 2:
+        if source.ndim == 3 and source.shape[0] not in (1, 2, 3, 4) and source.shape[-1] in (1, 2, 3, 4):
+            return int(source.shape[1]), int(source.shape[0])  # HWC tensor
+        return int(source.shape[-1]), int(source.shape[-2])
+    if isinstance(source, np.ndarray) and source.ndim >= 2:
+        if source.ndim == 3 and source.shape[-1] not in (1, 2, 3, 4) and source.shape[0] in (1, 2, 3, 4):
+            return int(source.shape[2]), int(source.shape[1])  # CHW array
+        return int(source.shape[1]), int(source.shape[0])
+    return None
+
+
+def _to_pil(source: Any, name: str) -> Image.Image:
+    """PIL image (decoded now, to surface truncation errors here) / array / tensor -> PIL image in its own mode."""
+    if isinstance(source, Image.Image):
         try:
-            source.load()  # lazily opened images: decode now to surface truncation errors here
+            source.load()
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise ImageLoadError(f"Image {name} is unreadable or corrupt: {type(err).__name__}: {err}") from err
-        return _finish(source, name, do_convert_rgb)
-
+        return source
     if isinstance(source, torch.Tensor):
         tensor = source.detach().cpu()
         if tensor.dtype in (torch.bfloat16, torch.float16):
             tensor = tensor.float()
         if tensor.ndim == 3 and tensor.shape[0] not in (1, 2, 3, 4) and tensor.shape[-1] in (1, 2, 3, 4):
             tensor = tensor.permute(2, 0, 1)  # tolerate HWC tensors when unambiguous
-        if tensor.ndim >= 2:
-            _check_size(tensor.shape[-1], tensor.shape[-2], max_pixels, name)
-        image = _array_to_pil(tensor.numpy(), name, channels_first=True)
-        return _finish(image, name, do_convert_rgb)
-
+        return _array_to_pil(tensor.numpy(), name, channels_first=True)
     if isinstance(source, np.ndarray):
         arr = source
         if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4) and arr.shape[0] in (1, 2, 3, 4):
             arr = np.moveaxis(arr, 0, -1)  # tolerate CHW arrays when unambiguous
-        if arr.ndim >= 2:
-            _check_size(arr.shape[1], arr.shape[0], max_pixels, name)
-        image = _array_to_pil(arr, name, channels_first=False)
-        return _finish(image, name, do_convert_rgb)
-
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise ImageLoadError(f"Image {name} is empty (0 bytes).")
-        return _open_encoded(io.BytesIO(bytes(source)), name, max_pixels, do_convert_rgb)
-
-    if isinstance(source, (str, os.PathLike)):
-        text = os.fspath(source)
-        if isinstance(text, bytes):
-            text = text.decode()
-        match = _DATA_URL_RE.match(text) if isinstance(source, str) else None
-        if match is not None:
-            payload = text[match.end() :]
-            if match.group("b64"):
-                data = _decode_base64(payload, name)
-            else:
-                from urllib.parse import unquote_to_bytes
-
-                data = unquote_to_bytes(payload)
-            if not data:
-                raise ImageLoadError(f"Image {name} is empty (data URL without payload).")
-            return _open_encoded(io.BytesIO(data), name, max_pixels, do_convert_rgb)
-        if isinstance(source, str) and text.startswith(("http://", "https://")):
-            import urllib.request
-
-            try:
-                with urllib.request.urlopen(text, timeout=timeout) as response:  # noqa: S310 - user-given URL
-                    data = response.read()
-            except OSError as err:
-                raise OSError(f"Could not download image {name}: {err}") from err
-            return _open_encoded(io.BytesIO(data), name, max_pixels, do_convert_rgb)
-        if os.path.isfile(text):
-            return _open_encoded(text, name, max_pixels, do_convert_rgb)
-        if isinstance(source, str) and len(text) >= 64 and _BASE64_RE.match(text):
-            return _open_encoded(io.BytesIO(_decode_base64(text, name)), name, max_pixels, do_convert_rgb)
-        if os.path.isdir(text):
-            raise IsADirectoryError(f"Image {name} is a directory, not an image file.")
-        raise FileNotFoundError(f"Image {name} not found (no such file, and not a URL or base64 data).")
-
-    raise TypeError(f"Image {name}: unsupported image source type {type(source).__name__}.")
+        return _array_to_pil(arr, name, channels_first=False)
+    raise TypeError(
+        f"Image {name}: unsupported image type {type(source).__name__} (expected a PIL image, a numpy array, a torch "
+        "tensor, or a path / URL string)."
+    )
 
 
 def _is_single_image(obj: Any) -> bool:
@@ -400,19 +352,9 @@ def _flatten(images: Any) -> list[Any]:
     raise TypeError(f"Unsupported images input of type {type(images).__name__}.")
 
 
-def load_images(
-    images: Any,
-    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    do_convert_rgb: bool = True,
-) -> list[Image.Image]:
-    """Flatten `images` (one, list, or nested list) and `load_image` each; errors name ``image #i`` (and the path)."""
-    out = []
-    for index, source in enumerate(_flatten(images)):
-        name = f"image #{index}"
-        if isinstance(source, (str, os.PathLike)):
-            name = f"{name} ({_describe(source)})"
-        out.append(load_image(source, max_pixels=max_pixels, name=name, do_convert_rgb=do_convert_rgb))
-    return out
+# ----------------------------------------------------------------------------------------------------------------
+# Canvas and preprocessing cost
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
@@ -428,6 +370,90 @@ def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.I
     return canvas
 
 
+def _target_size(width: int, height: int, size: int, mode: str) -> tuple[int, int]:
+    """(new_width, new_height) of the resize step for an input of `width` x `height` (the canvas for "pad")."""
+    if mode == "resize":
+        return size, size
+    # [IMPORTANT] transformers' shortest-edge rule: the long side is int(size * long / short) (truncated,
+    # not rounded); e.g. 500x333 -> 504x336.
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def preprocess_pixels(width: int, height: int, mode: str, size: int, backend: str = "pil") -> int:
+    """Pixels of the largest buffer that preprocessing a `width` x `height` image allocates besides the image
+    itself: what an extreme aspect ratio blows up.
+
+    * "pad": torchvision backend, the ``max(w, h)²`` canvas; PIL backend, the ``size x max(w, h)`` intermediate of
+      the two resize passes (the canvas is never built; a portrait strip holds at most ``_STRIP_PIXELS`` pixels
+      or one canvas row).
+    * "square": the resize output ``new_w x new_h`` (``size`` x ``size * long / short``) and PIL's horizontal-pass
+      intermediate ``new_w x h``.
+    * "resize": ``size x size`` and the intermediate ``size x h``.
+    """
+    side = max(width, height)
+    if mode == "pad":
+        if backend == "torchvision":
+            return side * side
+        strip = side * min(height, max(1, _STRIP_PIXELS // side)) if height > width else 0
+        return max(size * side, size * size, strip)
+    new_w, new_h = _target_size(width, height, size, mode)
+    return max(new_w * new_h, new_w * height)
+
+
+def preprocess_budget(max_image_pixels: int | None) -> int | None:
+    """Largest buffer (pixels) preprocessing may allocate: ``max_image_pixels``, but never less than
+    ``PREPROCESS_FLOOR_PIXELS`` so that a small decode limit does not refuse ordinary images (a 300x200 image
+    padded to 336 needs a 336x300 intermediate)."""
+    return None if max_image_pixels is None else max(max_image_pixels, PREPROCESS_FLOOR_PIXELS)
+
+
+def _pad_resize_pil(image: Image.Image, size: int, resample: int, background: tuple[int, ...]) -> Image.Image:
+    """``expand_to_square(image, background).resize((size, size), resample)``, byte for byte, without the
+    ``max(w, h)²`` canvas.
+
+    PIL resizes in two passes, horizontal then vertical, rounding to uint8 in between; each output pixel of a pass
+    depends only on its own row (horizontal) or column (vertical) of the pass's input, with weights that depend only
+    on the input and output lengths. So the canvas's horizontal pass is run on the canvas rows that hold image
+    pixels (rows of pure background stay the background colour: the 8-bit weights sum to 1), and the vertical pass
+    on the resulting ``size x side`` intermediate -- the same two passes with the same lengths. Checked against the
+    canvas for all six PIL filters and many shapes (tests/test_image_processing.py).
+    """
+    width, height = image.size
+    side = max(width, height)
+    if width == height or side == size:  # no canvas, or the canvas is the (small) output itself
+        image = expand_to_square(image, background)
+        return image if image.size == (size, size) else image.resize((size, size), resample=resample)
+    band = Image.new(image.mode, (size, side), tuple(background))  # the horizontal pass of the whole canvas
+    if width > height:  # landscape: canvas rows [top, top + h) are the image rows, the others background
+        band.paste(image.resize((size, height), resample=resample), (0, (width - height) // 2))
+    else:  # portrait: every canvas row is background | image row | background; resize strips of rows
+        left = (height - width) // 2
+        rows = max(1, _STRIP_PIXELS // side)
+        for top in range(0, height, rows):
+            piece = image.crop((0, top, width, min(top + rows, height)))
+            strip = Image.new(image.mode, (side, piece.height), tuple(background))
+            strip.paste(piece, (left, 0))
+            band.paste(strip.resize((size, piece.height), resample=resample), (0, top))
+            del piece, strip
+    return band.resize((size, size), resample=resample)  # the vertical pass
+
+
+def _check_preprocess_size(
+    width: int, height: int, name: str, max_pixels: int | None, mode: str, size: int, backend: str
+) -> None:
+    """`check_image_pixels`, then the largest preprocessing buffer against `preprocess_budget(max_pixels)`."""
+    check_image_pixels(width, height, max_pixels, name)
+    budget = preprocess_budget(max_pixels)
+    need = preprocess_pixels(width, height, mode, size, backend)
+    if budget is not None and need > budget:
+        raise ImageTooLargeError(
+            f"Image {name} is too large to preprocess: {width}x{height} in {mode!r} mode ({backend} backend) needs "
+            f"a {need}-pixel buffer > {budget} (max_image_pixels={max_pixels}, at least {PREPROCESS_FLOOR_PIXELS})."
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image processor
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,6 +466,7 @@ class InternVLChatImagesKwargs(ImagesKwargs, total=False):
     name is a declared image kwarg into the image kwargs, and 5.x tokenizers carry ``backend="tokenizers"``."""
 
     image_aspect_ratio: str | None
+    alpha_background: list[int] | None
     max_image_pixels: int | None
 
 
@@ -482,9 +509,13 @@ class InternVLChatImageProcessor(BaseImageProcessor):
             InternViT towers. The pad colour is `tuple(int(m * 255) for m in image_mean)`.
         rescale_factor (`float`, defaults to 1/255), do_rescale, do_normalize (`bool`, default True).
         do_convert_rgb (`bool`, defaults to True): convert every mode to RGB (see `to_rgb`); False rejects non-RGB.
+        alpha_background (`[r, g, b]` or None, defaults to None): None drops transparency as PIL's
+            ``convert("RGB")`` (LLaVA's rule); a colour composites transparent images onto it (see `to_rgb`).
         backend (`str`, defaults to `"pil"`): `"pil"` (matches `CLIPImageProcessorPil`) or `"torchvision"`
             (matches the torchvision `CLIPImageProcessor`; falls back to PIL when torchvision is missing).
-        max_image_pixels (`int` or None, defaults to 89_478_485): decompression-bomb guard; None disables it.
+        max_image_pixels (`int` or None, defaults to 89_478_485): decompression-bomb guard on the image's pixels,
+            and (with a floor of ``PREPROCESS_FLOOR_PIXELS``) on the largest buffer preprocessing allocates (see
+            `preprocess_pixels`); None disables both.
     """
 
     model_input_names = ["pixel_values"]
@@ -502,6 +533,7 @@ class InternVLChatImageProcessor(BaseImageProcessor):
     do_rescale = True
     do_normalize = True
     do_convert_rgb = True
+    alpha_background = None  # written to the JSON anyway (see `to_dict`)
     backend = "pil"
     max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
 
@@ -517,6 +549,7 @@ class InternVLChatImageProcessor(BaseImageProcessor):
         do_rescale: bool = True,
         do_normalize: bool = True,
         do_convert_rgb: bool = True,
+        alpha_background: Sequence[int] | None = None,
         backend: str = "pil",
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         **kwargs,
@@ -537,6 +570,7 @@ class InternVLChatImageProcessor(BaseImageProcessor):
             do_rescale=do_rescale,
             do_normalize=do_normalize,
             do_convert_rgb=do_convert_rgb,
+            alpha_background=alpha_background,
             backend=backend,
             max_image_pixels=max_image_pixels,
         )
@@ -550,6 +584,7 @@ class InternVLChatImageProcessor(BaseImageProcessor):
         self.do_rescale = options["do_rescale"]
         self.do_normalize = options["do_normalize"]
         self.do_convert_rgb = options["do_convert_rgb"]
+        self.alpha_background = options["alpha_background"]
         self.backend = options["backend"]
         self.max_image_pixels = options["max_image_pixels"]
 
@@ -588,21 +623,36 @@ class InternVLChatImageProcessor(BaseImageProcessor):
         if max_pixels is not None and (isinstance(max_pixels, bool) or int(max_pixels) <= 0):
             raise ValueError(f"max_image_pixels must be a positive int or None, got {max_pixels!r}.")
         options["max_image_pixels"] = None if max_pixels is None else int(max_pixels)
+        options["alpha_background"] = _alpha_background(options["alpha_background"])
         options["resample"] = int(options["resample"])
         options["rescale_factor"] = float(options["rescale_factor"])
         for key in ("do_rescale", "do_normalize", "do_convert_rgb"):
             options[key] = bool(options[key])
         return options
 
-    def fetch_images(self, image_url_or_urls: Any):
-        """Load paths / URLs / bytes / base64 with `load_image` (our errors, our size guard), keeping the nesting.
+    def to_dict(self) -> dict[str, Any]:
+        """As `BaseImageProcessor.to_dict`, but ``alpha_background`` is always written (``null`` by default), so
+        a saved ``preprocessor_config.json`` shows how transparency is handled."""
+        output = super().to_dict()
+        output["alpha_background"] = self.alpha_background
+        return output
 
-        Called by `ProcessorMixin.prepare_inputs_layout` (transformers >= 5.x) before `__call__`."""
-        if isinstance(image_url_or_urls, (list, tuple)):
-            return [self.fetch_images(item) for item in image_url_or_urls]
-        if isinstance(image_url_or_urls, (str, os.PathLike, bytes, bytearray, memoryview)):
-            return load_image(image_url_or_urls, max_pixels=self.max_image_pixels, do_convert_rgb=self.do_convert_rgb)
-        return image_url_or_urls
+    def check_image_size(
+        self, width: int, height: int, name: str = "<image>", max_image_pixels: Any = "default", **overrides
+    ) -> None:
+        """Refuses an image of `width` x `height` (known from its header, before decoding) that this processor
+        would refuse: more than ``max_image_pixels`` pixels, or a preprocessing buffer above
+        ``preprocess_budget(max_image_pixels)`` (`ImageTooLargeError`); zero size (`ImageLoadError`).
+
+        `max_image_pixels` defaults to the processor's own; `overrides` are per-call options (image_aspect_ratio,
+        size, backend) as `preprocess` takes them."""
+        limit = self.max_image_pixels if max_image_pixels == "default" else max_image_pixels
+        mode = overrides.get("image_aspect_ratio") or self.image_aspect_ratio
+        size = _shortest_edge(overrides.get("size") or self.size, "size")
+        backend = overrides.get("backend") or self.backend
+        if backend == "torchvision" and _torchvision_functional() is None:
+            backend = "pil"
+        _check_preprocess_size(width, height, name, limit, mode, size, backend)
 
     def __call__(self, images: Any, *args, **kwargs) -> BatchFeature:
         """Same as `preprocess`."""
@@ -611,9 +661,14 @@ class InternVLChatImageProcessor(BaseImageProcessor):
     def preprocess(self, images: Any, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
         """Preprocess one image, a list, or a nested list (flattened in order).
 
+        Images: PIL images (any mode), numpy arrays, torch tensors; strings go through `fetch_images`
+        (transformers' ``load_image``). Each is size-checked (`check_image_size`) before it is converted to RGB
+        and preprocessed (a lazily opened PIL image also before it is decoded).
+
         Keyword overrides (for this call only): image_aspect_ratio, size, crop_size, resample, image_mean,
-        image_std, rescale_factor, do_rescale, do_normalize, do_convert_rgb, backend, max_image_pixels, device
-        (torchvision backend only: where to resize/normalize). Other standard image kwargs are ignored.
+        image_std, rescale_factor, do_rescale, do_normalize, do_convert_rgb, alpha_background, backend,
+        max_image_pixels, device (torchvision backend only: where to resize/normalize). Other standard image kwargs
+        are ignored.
 
         Returns:
             `BatchFeature` with ``pixel_values``: float32 ``(N, 3, crop, crop)`` torch tensor for
@@ -641,46 +696,56 @@ class InternVLChatImageProcessor(BaseImageProcessor):
                 logger.warning_once("torchvision is not available: InternVLChatImageProcessor uses the PIL backend.")
                 backend = "pil"
 
-        pil_images = load_images(
-            images, max_pixels=options["max_image_pixels"], do_convert_rgb=options["do_convert_rgb"]
-        )
-        if not pil_images:
+        if return_tensors not in ("pt", "torch", "np", None):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
+        sources = _flatten(images)
+        if not sources:
             raise ValueError("InternVLChatImageProcessor got no images.")
+        # One image at a time (converted, processed, released): peak memory is one image's, not the batch's.
+        processed = []
+        for index, source in enumerate(sources):
+            image = self._to_rgb_image(source, f"image #{index}", options, backend)
+            if backend == "pil":
+                processed.append(self._process_pil(image, options))
+            else:
+                processed.append(self._process_torchvision(image, options, tvF, device))
+            del image
 
         if backend == "pil":
-            arrays = [self._process_pil(image, options) for image in pil_images]
             if return_tensors in ("pt", "torch"):
-                pixel_values: Any = torch.from_numpy(np.stack(arrays))
-            elif return_tensors == "np":
-                pixel_values = np.stack(arrays)
-            elif return_tensors is None:
-                pixel_values = arrays
+                pixel_values: Any = torch.from_numpy(np.stack(processed))
             else:
-                raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
+                pixel_values = np.stack(processed) if return_tensors == "np" else processed
+        elif return_tensors in ("pt", "torch"):
+            pixel_values = torch.stack(processed)
+        elif return_tensors == "np":
+            pixel_values = torch.stack(processed).cpu().numpy()
         else:
-            tensors = [self._process_torchvision(image, options, tvF, device) for image in pil_images]
-            if return_tensors in ("pt", "torch"):
-                pixel_values = torch.stack(tensors)
-            elif return_tensors == "np":
-                pixel_values = torch.stack(tensors).cpu().numpy()
-            elif return_tensors is None:
-                pixel_values = [t.cpu().numpy() for t in tensors]
-            else:
-                raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
+            pixel_values = [t.cpu().numpy() for t in processed]
         return BatchFeature(data={"pixel_values": pixel_values})
 
     # ------------------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _target_size(width: int, height: int, size: int, mode: str) -> tuple[int, int]:
-        """(new_width, new_height) of the resize step."""
-        if mode == "resize":
-            return size, size
-        # [IMPORTANT] transformers' shortest-edge rule: the long side is int(size * long / short) (truncated,
-        # not rounded); e.g. 500x333 -> 504x336.
-        if width <= height:
-            return size, int(size * height / width)
-        return int(size * width / height), size
+    def _to_rgb_image(self, source: Any, name: str, options: dict[str, Any], backend: str) -> Image.Image:
+        """One input -> 8-bit RGB PIL image, after the size checks (from the header for lazily opened files)."""
+        if isinstance(source, (str, os.PathLike)):
+            name = f"{name} ({describe_image(source)})"
+            try:
+                source = self.fetch_images(os.fspath(source))
+            except (ValueError, OSError, TypeError) as err:
+                raise ImageLoadError(f"Image {name} could not be opened: {err}") from err
+        size = image_size(source)
+        if size is None:
+            _to_pil(source, name)  # raises the TypeError naming the type
+        _check_preprocess_size(
+            *size, name, options["max_image_pixels"], options["image_aspect_ratio"], options["size"], backend
+        )
+        image = _to_pil(source, name)
+        if options["do_convert_rgb"]:
+            return to_rgb(image, name, options["alpha_background"])
+        if image.mode != "RGB":
+            raise ImageLoadError(f"Image {name} has mode {image.mode!r} but do_convert_rgb=False requires RGB input.")
+        return image
 
     def _prepare(self, image: Image.Image, options: dict[str, Any]) -> Image.Image:
         if options["image_aspect_ratio"] == "pad":
@@ -690,10 +755,13 @@ class InternVLChatImageProcessor(BaseImageProcessor):
 
     def _process_pil(self, image: Image.Image, options: dict[str, Any]) -> np.ndarray:
         """PIL resize + numpy crop/rescale/normalize: identical arithmetic to CLIPImageProcessorPil."""
-        image = self._prepare(image, options)
-        new_w, new_h = self._target_size(image.width, image.height, options["size"], options["image_aspect_ratio"])
-        if (new_w, new_h) != image.size:
-            image = image.resize((new_w, new_h), resample=options["resample"])
+        if options["image_aspect_ratio"] == "pad":
+            background = tuple(int(m * 255) for m in options["image_mean"])
+            image = _pad_resize_pil(image, options["size"], options["resample"], background)
+        else:
+            new_w, new_h = _target_size(image.width, image.height, options["size"], options["image_aspect_ratio"])
+            if (new_w, new_h) != image.size:
+                image = image.resize((new_w, new_h), resample=options["resample"])
         arr = np.asarray(image).transpose(2, 0, 1)  # CHW uint8
         arr = self._center_crop_np(arr, options["crop_size"])
         if options["do_rescale"]:
@@ -727,7 +795,7 @@ class InternVLChatImageProcessor(BaseImageProcessor):
         tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # CHW uint8
         if device is not None:
             tensor = tensor.to(device)
-        new_w, new_h = self._target_size(image.width, image.height, options["size"], options["image_aspect_ratio"])
+        new_w, new_h = _target_size(image.width, image.height, options["size"], options["image_aspect_ratio"])
         interpolation = {
             0: tvF.InterpolationMode.NEAREST_EXACT,
             1: tvF.InterpolationMode.LANCZOS,

@@ -45,7 +45,7 @@ class ChatSession:
 
     def attach(self, path: str) -> None:
         """Loads the image now (so a bad path is reported at once) and attaches it to the next message."""
-        from ..modeling.image_processing_internvl_chat import load_image
+        from ..data.images import load_image
 
         image = load_image(path)
         self.images[path] = image

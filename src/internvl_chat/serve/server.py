@@ -383,7 +383,7 @@ def preprocess_cost(sizes: list[tuple[int, int] | None]) -> int:
 
 def decode_images(sources: list[tuple[bytes | str, str]], config: ServerConfig) -> list:
     """Encoded images → RGB PIL images, by the server's pixel limit. Raises APIError (400)."""
-    from ..modeling.image_processing_internvl_chat import ImageLoadError, ImageTooLargeError, load_image
+    from ..data.images import ImageLoadError, ImageTooLargeError, load_image
 
     images = []
     for source, param in sources:
