@@ -77,7 +77,7 @@ def load_sample_images(sample: dict[str, Any], max_image_pixels: int | None = No
     Raises :class:`DataError` (kind ``missing_image`` or ``corrupt_image``) naming the sample id, its source file
     and the image.
     """
-    from ..modeling.image_processing_internvl_chat import DEFAULT_MAX_IMAGE_PIXELS, load_image
+    from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 
     limit = DEFAULT_MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
     images = []
