@@ -337,7 +337,9 @@ def _decode_data_url(url: str, param: str) -> bytes:
 async def fetch_image(url: str, config: ServerConfig, param: str) -> bytes | str:
     """One `image_url` → its encoded bytes (data: and http(s) URLs) or an allowed local path. Nothing is decoded."""
     if url.startswith("data:"):
-        return _decode_data_url(url, param)
+        if len(url) < 65536:
+            return _decode_data_url(url, param)
+        return await asyncio.to_thread(_decode_data_url, url, param)  # megabytes of base64: off the event loop
     if url.startswith(("http://", "https://")):
         if not config.allow_remote_images:
             raise APIError(
