@@ -386,8 +386,8 @@ def preprocess_pixels(width: int, height: int, mode: str, size: int, backend: st
     itself: what an extreme aspect ratio blows up.
 
     * "pad": torchvision backend, the ``max(w, h)²`` canvas; PIL backend, the ``size x max(w, h)`` intermediate of
-      the two resize passes (the canvas is never built; a portrait strip holds at most ``_STRIP_PIXELS`` pixels
-      or one canvas row).
+      the two resize passes (a canvas is built only up to ``_STRIP_PIXELS`` pixels; a portrait strip holds at
+      most that many pixels, or one canvas row).
     * "square": the resize output ``new_w x new_h`` (``size`` x ``size * long / short``) and PIL's horizontal-pass
       intermediate ``new_w x h``.
     * "resize": ``size x size`` and the intermediate ``size x h``.
@@ -396,8 +396,8 @@ def preprocess_pixels(width: int, height: int, mode: str, size: int, backend: st
     if mode == "pad":
         if backend == "torchvision":
             return side * side
-        strip = side * min(height, max(1, _STRIP_PIXELS // side)) if height > width else 0
-        return max(size * side, size * size, strip)
+        canvas_part = min(side * side, max(_STRIP_PIXELS, side))  # a small canvas, or one portrait strip
+        return max(size * side, size * size, canvas_part)
     new_w, new_h = _target_size(width, height, size, mode)
     return max(new_w * new_h, new_w * height)
 
@@ -417,12 +417,13 @@ def _pad_resize_pil(image: Image.Image, size: int, resample: int, background: tu
     depends only on its own row (horizontal) or column (vertical) of the pass's input, with weights that depend only
     on the input and output lengths. So the canvas's horizontal pass is run on the canvas rows that hold image
     pixels (rows of pure background stay the background colour: the 8-bit weights sum to 1), and the vertical pass
-    on the resulting ``size x side`` intermediate -- the same two passes with the same lengths. Checked against the
+    on the resulting ``size x side`` intermediate -- the same two passes with the same lengths. Canvases of up to
+    ``_STRIP_PIXELS`` pixels (ordinary photos) are simply built. Checked against the
     canvas for all six PIL filters and many shapes (tests/test_image_processing.py).
     """
     width, height = image.size
     side = max(width, height)
-    if width == height or side == size:  # no canvas, or the canvas is the (small) output itself
+    if width == height or side == size or side * side <= _STRIP_PIXELS:  # no canvas, or a small one: build it
         image = expand_to_square(image, background)
         return image if image.size == (size, size) else image.resize((size, size), resample=resample)
     band = Image.new(image.mode, (size, side), tuple(background))  # the horizontal pass of the whole canvas
