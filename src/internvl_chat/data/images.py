@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "ImageLoadError",
     "ImageTooLargeError",
+    "check_image_pixels",
     "describe_image",
     "load_image",
 ]
