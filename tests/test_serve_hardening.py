@@ -397,8 +397,30 @@ def test_request_that_can_never_fit_is_too_large(engine):
     small = make_client(engine, max_preprocess_bytes=preprocess_cost([(256, 256)]))
     error = error_of(post(small, body("x", data_url(solid_png(512, 512)))), 400)
     assert error["code"] == "image_too_large" and "MiB" in error["message"]
-    # Pad mode's square canvas is counted: a long thin image costs its longer side squared.
-    assert preprocess_cost([(4096, 64)]) > preprocess_cost([(512, 512)]) * 10
+    # The resize band of a long thin image is counted: more than a square image of as many pixels.
+    assert preprocess_cost([(16384, 16)]) > preprocess_cost([(512, 512)]) * 2
+
+
+def test_extreme_aspect_ratio_refused_from_the_header(engine):
+    """400000x40 passes a 4096² pixel limit, but padding it needs a buffer beyond the limit (the tiny model's images
+    are 56 pixels: 56 x 400000): refused before decoding (the image processor's bound, as 400 `image_too_large`)."""
+    wide = make_client(engine, max_image_pixels=4096 * 4096)
+    before = engine.stats.submitted
+    error = error_of(post(wide, body("x", data_url(solid_png(400_000, 40)), image_aspect_ratio="pad")), 400)
+    assert error["code"] == "image_too_large" and error["param"].endswith("image_url"), error
+    assert engine.stats.submitted == before
+    assert wide.app.state.preprocess_budget.used == 0
+    assert post(wide, body("x", data_url(solid_png(4096, 64)), image_aspect_ratio="pad")).status_code == 200
+
+
+def test_engine_maps_too_large_images(engine):
+    from internvl_chat.serve.engine import ImageTooLarge
+
+    image = Image.new("RGB", (2_000_000, 8), (1, 2, 3))  # 16 M pixels; its pad buffer (56 x 2 M) is over the limit
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
+    with pytest.raises(ImageTooLarge) as info:
+        engine.prepare(messages, [image])
+    assert info.value.code == "image_too_large" and info.value.status == 400
 
 
 def test_memory_returns_after_a_burst_of_large_images(tiny_dir, tmp_path):

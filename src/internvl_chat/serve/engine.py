@@ -56,6 +56,10 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class ImageTooLarge(InvalidRequest):
+    code = "image_too_large"
+
+
 class Overloaded(EngineError):
     status = 503
     code = "server_overloaded"
@@ -428,7 +432,9 @@ class Engine:
                 images=[images] if images else None, text=[prompt], return_tensors="pt", **kwargs
             )
         except ValueError as err:  # placeholder / image count mismatch, unloadable image, bad mode
-            raise InvalidRequest(str(err)) from err
+            from ..data.images import ImageTooLargeError
+
+            raise (ImageTooLarge if isinstance(err, ImageTooLargeError) else InvalidRequest)(str(err)) from err
         input_ids = encoding["input_ids"][0].tolist()
         return Prepared(input_ids=input_ids, pixel_values=encoding.get("pixel_values"), num_images=len(images))
 

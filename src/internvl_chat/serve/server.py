@@ -371,15 +371,38 @@ def image_size(source: bytes | str) -> tuple[int, int] | None:
         return None
 
 
+def check_image_sizes(sizes, sources, config: ServerConfig, engine: Engine, mode: str | None) -> None:
+    """From the headers, before decoding: the pixel limit, and what the image processor would refuse to preprocess
+    in this request's aspect-ratio mode (an extreme aspect ratio's buffers). Raises APIError (400)."""
+    from ..data.images import ImageLoadError, ImageTooLargeError, check_image_pixels
+
+    image_processor = getattr(engine.processor, "image_processor", None)
+    overrides = {"image_aspect_ratio": mode} if mode else {}
+    for size, (_, param) in zip(sizes, sources):
+        if size is None:
+            continue
+        try:
+            check_image_pixels(size[0], size[1], config.max_image_pixels, param)
+            if hasattr(image_processor, "check_image_size"):
+                image_processor.check_image_size(
+                    size[0], size[1], name=param, max_image_pixels=config.max_image_pixels, **overrides
+                )
+        except ImageTooLargeError as err:
+            raise APIError(400, str(err), param=param, code="image_too_large") from err
+        except ImageLoadError as err:
+            raise APIError(400, f"Invalid image: {err}", param=param, code="invalid_image") from err
+
+
 def preprocess_cost(sizes: list[tuple[int, int] | None]) -> int:
     """Bytes decoding + preprocessing these images may hold at once: every decoded image stays alive until the
     processor ran (PIL keeps RGB as 4 bytes a pixel), and the largest one is also converted (a second copy, up to
-    16 bytes a pixel for 16-bit or float sources) and padded onto a square canvas of its longer side."""
+    16 bytes a pixel for 16-bit or float sources) and padded and resized through buffers of at most its own size or
+    a 448-pixel-wide band of its longer side."""
     known = [(w, h) for w, h in (s for s in sizes if s)]
     if not known:
         return 0
     held = sum(4 * w * h for w, h in known)
-    peak = max(16 * w * h + 4 * max(w, h) ** 2 for w, h in known)
+    peak = max(16 * w * h + 4 * max(w * h, 448 * max(w, h)) for w, h in known)
     return held + peak
 
 
@@ -662,6 +685,7 @@ def create_app(engine: Engine, config: ServerConfig):
             raise Overloaded(f"The server is at capacity ({engine.max_queue} requests waiting); retry shortly.")
         sources = [(await fetch_image(url, config, param), param) for url, param in image_urls]
         sizes = await run_in_threadpool(lambda: [image_size(source) for source, _ in sources])
+        check_image_sizes(sizes, sources, config, engine, body.image_aspect_ratio)
         cost = preprocess_cost(sizes)
         if cost > budget.capacity:
             raise APIError(
