@@ -286,8 +286,9 @@ def run(recipe: dict, callbacks: list | None = None, resume: str | bool | None =
     if any(isinstance(c, ProgressCallback) for c in callbacks or []):
         # A caller's own progress display (the demo's bar with the running loss) replaces the trainer's bar and
         # its raw log-dict lines.
-        trainer.remove_callback(ProgressCallback)
-        trainer.remove_callback(PrinterCallback)
+        for callback in list(trainer.callback_handler.callbacks):
+            if type(callback) in (ProgressCallback, PrinterCallback):  # exact types: the caller's is a subclass
+                trainer.remove_callback(callback)
     trainer.log_trainable()
     logger.info(
         "data: %d samples from %s, template %s, max_length %s, over_length %s, packing %s",
