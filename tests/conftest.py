@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models and the real tokenizers copied from ../shared/fixtures/tokenizers."""
+"""Shared fixtures: tiny random models, and the real tokenizers kept in the repository under tests/fixtures/tokenizers
+(Vicuna-7B-v1.5, Phi-3.5-mini-instruct and Llama-3.1-8B-Instruct tokenizer files; no weights)."""
 
 import os
 from pathlib import Path
