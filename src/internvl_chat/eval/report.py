@@ -76,7 +76,9 @@ def markdown_table(doc: dict, compare: str | None = None, reference: str | None 
     from .tasks import TASKS
 
     seed = SEED_SCORES.get(reference or "", {}) if compare == "seed" else None
-    head = "| task | metric | ours |" + (f" seed ({reference or 'unknown model'}) | Δ |" if seed is not None else "")
+    head = "| task | metric | ours |" + (
+        f" seed ({reference or 'not a preset: pass --reference NAME'}) | Δ |" if seed is not None else ""
+    )
     sep = "| --- | --- | ---: |" + (" ---: | ---: |" if seed is not None else "")
     lines = [head, sep]
     for task, result in sorted(doc.get("tasks", {}).items()):
@@ -172,7 +174,8 @@ def write_report(output: str | os.PathLike, compare: str | None = None, referenc
     reference = reference or doc.get("reference")
     table = markdown_table(doc, compare, reference)
     details = [line for task, result in sorted(doc.get("tasks", {}).items()) for line in task_details(task, result)]
-    text = f"# Evaluation of {doc.get('model') or 'model'}\n\n{table}"
+    # A re-scored folder may not record the model: name the output folder rather than a bare "model".
+    text = f"# Evaluation of {doc.get('model') or output.resolve().name}\n\n{table}"
     if details:
         text += "\n## Details\n\n" + "\n".join(details)
     (output / "report.md").write_text(text)

@@ -136,6 +136,12 @@ def evaluate(
         (task_dir / "speed.json").write_text(json.dumps(stats, indent=2) + "\n")
     (task_dir / "scores.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     reference = reference or reference_name(model_dir)
+    if compare == "seed" and reference not in SEED_SCORES:
+        logger.warning(
+            "--compare seed: %s was not built from a preset; pass --reference NAME (one of %s)",
+            model_dir,
+            ", ".join(sorted(SEED_SCORES)),
+        )
     update_scores(output, task.name, result, model=name, reference=reference)
     paths = write_report(output, compare, reference)
     result["report"] = paths["markdown"]
