@@ -345,7 +345,10 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
 def main(argv=None) -> int:
     parser = make_parser()
     args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # INFO for our messages only: a root logger at INFO also prints every library's (matplotlib's "generated new
+    # fontManager", ...).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("internvl_chat").setLevel(logging.INFO)
     recipe = apply_overrides(load_recipe(args.recipe), overrides)
     if args.print_recipe:
         sys.stdout.write(yaml.safe_dump(recipe, sort_keys=False))
