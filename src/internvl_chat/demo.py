@@ -207,6 +207,10 @@ def stage_recipes(args, tokenizer: str, data: dict, out: str) -> tuple[dict, dic
     return align, finetune
 
 
+def _loss(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"  # None: fewer steps than logging_steps
+
+
 def make_parser(parser=None):
     parser = parser or argparse.ArgumentParser(
         prog="internvl-chat demo",
@@ -249,10 +253,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)
     import torch
+    from transformers.utils import logging as hf_logging
 
     from .training.toydata import write_toy_dataset
     from .training.train import run
 
+    hf_logging.disable_progress_bar()  # one bar per stage: not transformers' own (loading / writing shards)
     started = time.time()
     tokenizer = args.tokenizer or default_tokenizer(args.preset)
     out = args.output
@@ -267,19 +273,19 @@ def main(argv=None) -> int:
     t0 = time.time()
     s1 = run(align, callbacks=[stage_progress("stage 1 (align)")])
     logger.info(
-        "2. stage 1 (align: projector only): %d steps, loss %.3f -> %.3f, %.0f s",
+        "2. stage 1 (align: projector only): %d steps, loss %s -> %s, %.0f s",
         s1["global_step"],
-        s1["first_loss"],
-        s1["last_loss"],
+        _loss(s1["first_loss"]),
+        _loss(s1["last_loss"]),
         time.time() - t0,
     )
     t1 = time.time()
     s2 = run(finetune, callbacks=[stage_progress("stage 2 (finetune)")])
     logger.info(
-        "3. stage 2 (finetune: LLM + projector): %d steps, loss %.3f -> %.3f, %.0f s",
+        "3. stage 2 (finetune: LLM + projector): %d steps, loss %s -> %s, %.0f s",
         s2["global_step"],
-        s2["first_loss"],
-        s2["last_loss"],
+        _loss(s2["first_loss"]),
+        _loss(s2["last_loss"]),
         time.time() - t1,
     )
     train_seconds = time.time() - t0
