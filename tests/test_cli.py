@@ -147,3 +147,14 @@ def test_readme_use_snippet_runs_as_pasted(tiny_folder, tmp_path, monkeypatch):
     scope = {}
     exec(compile(snippet, "README.md (Use)", "exec"), scope)
     assert isinstance(scope["answer"][0], str)
+
+
+def test_dry_run_of_a_full_size_recipe_downloads_nothing(capsys, monkeypatch):
+    """7B shapes on the meta device from the preset config: the trainable table, offline, without any weights."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = ROOT / "recipes" / "llava-v1.5-7b-finetune.yaml"
+    argv = ["train", str(recipe), "--model.tokenizer", str(TOKENIZERS / "vicuna-v1.5"), "--dry-run"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "language model | 6,607,605,760 | 6,607,605,760" in table
+    assert "vision tower   |             0 |   303,507,456" in table
