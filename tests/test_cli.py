@@ -158,3 +158,14 @@ def test_dry_run_of_a_full_size_recipe_downloads_nothing(capsys, monkeypatch):
     table = capsys.readouterr().out
     assert "language model | 6,607,605,760 | 6,607,605,760" in table
     assert "vision tower   |             0 |   303,507,456" in table
+
+
+def test_weight_files_get_the_umask_mode(tiny_folder, tmp_path, tiny_model):
+    """safetensors >= 0.8 writes through a private (0600) temporary file; saved weights get 0666 minus the umask."""
+    from internvl_chat.training.trainer import save_projector
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tiny_folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    path = save_projector(tiny_model, tmp_path)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask

@@ -216,6 +216,9 @@ def save_projector(model, output_dir: str | os.PathLike, full_state: dict | None
         "hidden_size": str(config.text_config.hidden_size),
     }
     save_file(projector_state_dict(model, full_state), str(path), metadata=metadata)
+    umask = os.umask(0)  # safetensors >= 0.8 writes 0600 (a private temporary file): give it the usual mode
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     return str(path)
 
 
