@@ -15,6 +15,7 @@ exit status is 2. `--debug` (anywhere on the command line) or `INTERNVL_CHAT_DEB
 
 import importlib
 import os
+import re
 import sys
 
 VERBS = {
@@ -71,7 +72,8 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         message = f"{exc.strerror}: {exc.filename}"
     else:
-        message = str(exc).strip() or type(exc).__name__
+        # "[Errno 2] No such file..." wrapped in another error's message: keep the words
+        message = re.sub(r"\[Errno \d+\] ", "", str(exc).strip()) or type(exc).__name__
         if isinstance(exc, ConnectionError) or type(exc).__module__.startswith(("httpx", "huggingface_hub")):
             message = f"{type(exc).__name__}: {message}"  # "Connection refused" alone does not say what failed
     return "error: " + "; ".join(line.strip() for line in message.splitlines() if line.strip())
