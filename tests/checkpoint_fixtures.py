@@ -1,4 +1,4 @@
-"""Tiny checkpoints written in the original research layouts (reference.md §8), for the convert / export tests.
+"""Tiny checkpoints written in the original research layouts (docs/checkpoints.md), for the convert / export tests.
 
 Every builder writes into a tmp folder: key names, config fields and file names as the original code saved them.
 Weights come from independent reference models (transformers' LlavaForConditionalGeneration, LlamaForCausalLM,

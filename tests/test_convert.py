@@ -1,4 +1,4 @@
-"""`internvl-chat convert`: every original layout (reference.md §8) → ours, compared with the source model computed
+"""`internvl-chat convert`: every original layout (docs/checkpoints.md) → ours, compared with the source model computed
 without our code (transformers' Llava / Llama / Phi3 / CLIP / InternVLVisionModel, timm's ConvNeXt, PEFT's merge),
 plus the safety rules (weights_only pickles, missing shards, truncated files, wrong --from, unknown / missing keys).
 """
