@@ -1,10 +1,12 @@
-"""Stage-2 FULL training step (forward + backward + AdamW) through the trainers users run, on mix665k-shaped data:
-our recipe path (VisionSFTTrainer, our collator) vs the peer's best effort (TRL `SFTTrainer` + transformers-native
-`LlavaForConditionalGeneration`, TRL's own vision collator), same shapes (LLaVA-1.5-7B), same conversations and images.
+"""FULL training step (forward + backward + AdamW) through the trainers users run, stage 2 on mix665k-shaped data
+(default) or stage 1 on LCS-558K-shaped captions (``--stage align``): our recipe path (VisionSFTTrainer, our
+collator) vs the peer's best effort (TRL `SFTTrainer` + transformers-native `LlavaForConditionalGeneration`, TRL's own
+vision collator), same shapes (LLaVA-1.5-7B), same conversations and images.
 
     PYTHONPATH=src python3 bench/stage2_step.py --out bench/results/stage2_step.json            # every variant
     PYTHONPATH=src python3 bench/stage2_step.py --variants ours_fast,native_liger_compile --steps 10
     PYTHONPATH=src python3 bench/stage2_step.py --tiny --steps 3 --variants ours_fast,native_plain   # CPU smoke test
+    PYTHONPATH=src python3 bench/stage2_step.py --stage align --batch-size 16 --variants ours_fast,native_liger_compile
 
 Variants (each runs in its own subprocess, so one's memory never limits the next):
 - ``ours_fast``: the recipe's fast settings: padding-free packed rows + ``internvl_varlen`` attention, no gradient
@@ -20,7 +22,9 @@ checkpointing, flagged in the result).
 Length mix (seeded): 70 % single-turn image samples (~30-150 answer words), 22 % multi-turn image samples
 (~200-900 words), 8 % text-only (~100-800 words). Reported: median step time over the timed steps, samples/s, real
 (non-pad) tokens/s, and MFU on real tokens: 6 · N_llm · T (LLM + projector trained) + 2 · N_vision · T_image (frozen
-tower forward), over the bf16 dense peak.
+tower forward), over the bf16 dense peak. Stage 1 (``--stage align``: projector trained, LLM and tower frozen, the
+``plain`` template, one ~10-40-word caption per image): MFU counts 4 · N_llm · T (the frozen LLM's forward plus
+its input-gradient backward) + 2 · N_vision · T_image.
 """
 
 import argparse
@@ -48,8 +52,8 @@ WORDS = (
 ).split()
 
 
-def conversations(n: int, seed: int = 0) -> list[dict]:
-    """LLaVA-JSON records shaped like mix665k (see the module docstring); images named `{i}.jpg`."""
+def conversations(n: int, seed: int = 0, stage: str = "finetune") -> list[dict]:
+    """LLaVA-JSON records shaped like mix665k (or LCS-558K captions for ``align``); images named `{i}.jpg`."""
     rng = random.Random(seed)
 
     def words(k):
@@ -57,6 +61,13 @@ def conversations(n: int, seed: int = 0) -> list[dict]:
 
     records = []
     for i in range(n):
+        if stage == "align":
+            conv = [
+                {"from": "human", "value": "<image>\nDescribe the image briefly."},
+                {"from": "gpt", "value": words(rng.randint(10, 40)) + "."},
+            ]
+            records.append({"id": str(i), "conversations": conv, "image": f"{i}.jpg"})
+            continue
         r = rng.random()
         if r < 0.70:
             image, turns = True, [(rng.randint(5, 15), rng.randint(25, 120))]
@@ -180,11 +191,11 @@ def run_ours(args, variant: str, folder: str, records: list[dict]):
     model = materialise(build, cuda, args.tiny)
     processor = holder["processor"]
     model.set_attn_implementation("internvl_varlen")
-    stage = StageConfig(stage="finetune")
+    stage = StageConfig(stage=args.stage)
     apply_stage(model, stage)
     dataset = VisionChatDataset.from_file(os.path.join(folder, "data.json"), image_folder=folder)
     collator = VisionChatCollator(
-        processor, template="vicuna_v1", max_length=2048, over_length="truncate", packing=True
+        processor, template=template(args), max_length=2048, over_length="truncate", packing=True
     )
     config = VisionSFTConfig(
         output_dir=os.path.join(folder, "out-ours"),
@@ -223,6 +234,10 @@ def run_ours(args, variant: str, folder: str, records: list[dict]):
     return model, trainer, timer, collator, [dataset[i] for i in range(len(dataset))]
 
 
+def template(args) -> str:
+    return "plain" if args.stage == "align" else "vicuna_v1"
+
+
 def native_processor(args, tokenizer_dir: str, size: int):
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
@@ -243,7 +258,7 @@ def native_processor(args, tokenizer_dir: str, size: int):
         tokenizer=tokenizer,
         patch_size=14,
         vision_feature_select_strategy="default",
-        chat_template=get_template("vicuna_v1"),
+        chat_template=get_template(template(args)),
         image_token="<image>",
         num_additional_image_tokens=1,
     )
@@ -272,9 +287,12 @@ def run_native(args, variant: str, folder: str, records: list[dict]):
     torch.manual_seed(0)
     model = materialise(lambda: LlavaForConditionalGeneration(config), cuda, args.tiny)
     model.config.use_cache = False
-    # Stage 2: the vision tower is frozen; LLM and projector train (LLaVA's finetune stage).
+    # Stage 2: the vision tower is frozen; LLM and projector train (LLaVA's finetune stage). Stage 1: projector only.
     for name, param in model.named_parameters():
-        param.requires_grad = "vision_tower" not in name
+        if args.stage == "align":
+            param.requires_grad = "multi_modal_projector" in name
+        else:
+            param.requires_grad = "vision_tower" not in name
     rows = [to_messages(r, folder) for r in records]
     dataset = datasets.Dataset.from_list(rows)
     liger = variant in ("native_liger_compile", "native_liger") and cuda
@@ -321,7 +339,7 @@ def run_variant(args, variant: str) -> dict:
 
     size = build_config(args.preset, vocab_size=32064, image_token_id=32000, tiny=args.tiny).vision_config.image_size
     n = args.batch_size * args.steps
-    records = conversations(n, seed=args.seed)
+    records = conversations(n, seed=args.seed, stage=args.stage)
     with tempfile.TemporaryDirectory() as folder:
         with open(os.path.join(folder, "data.json"), "w") as f:
             json.dump(records, f)
@@ -341,9 +359,14 @@ def run_variant(args, variant: str) -> dict:
     n_vision = sum(p.numel() for p in vision.parameters()) if vision is not None else 0
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     image_tokens = 577  # CLIP-L/336 tokens per image through the tower (576 patches + cls)
-    flops = 6 * n_trained * real + 2 * n_vision * images * image_tokens
+    if args.stage == "align":
+        n_llm = sum(p.numel() for p in model.parameters()) - n_vision
+        flops = 4 * n_llm * real + 2 * n_vision * images * image_tokens
+    else:
+        flops = 6 * n_trained * real + 2 * n_vision * images * image_tokens
     return {
         "variant": variant,
+        "stage": args.stage,
         "batch_size": args.batch_size,
         "gradient_checkpointing": args.ckpt,
         "steps_timed": len(timed),
@@ -363,6 +386,7 @@ def run_variant(args, variant: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--stage", choices=["finetune", "align"], default="finetune")
     parser.add_argument("--preset", default="llava-v1.5-7b")
     parser.add_argument("--tokenizer", default=os.path.join(ROOT, "tests/fixtures/tokenizers/vicuna-v1.5"))
     parser.add_argument("--batch-size", type=int, default=8)
