@@ -1,19 +1,19 @@
 """Shared file I/O of the task readers and submission writers: question / annotation files in every supported
 format (jsonl, json, tsv, csv, parquet, saved datasets), image cells, and the JSON / XLSX writers.
 
-[IMPORTANT] images are opened as LLaVA's eval scripts do (`decode_image`: plain ``convert("RGB")``), which is what
-every published number used."""
+Images are decoded by the one loader, `internvl_chat.data.images.load_image` (re-exported as `decode_image`); the
+RGB conversion and its alpha rule (LLaVA's plain ``convert("RGB")`` by default) belong to the checkpoint's image
+processor, so eval, training and serving apply the same rule."""
 
 from __future__ import annotations
 
-import base64
 import glob
-import io
 import json
 import math
 import os
 from pathlib import Path
 
+from ...data.images import load_image as decode_image  # noqa: F401 - re-exported for the task readers
 from .base import TaskContext
 
 
@@ -125,31 +125,6 @@ def image_value(value, image_folder: str | None):
     if isinstance(value, str) and image_folder and len(value) < 1024 and not os.path.isabs(value):
         return os.path.join(image_folder, value)
     return value
-
-
-def decode_image(source):
-    """Opens an image as LLaVA's eval scripts do: ``Image.open(...).convert("RGB")``.
-
-    [IMPORTANT] plain ``convert("RGB")`` (alpha dropped, palette expanded) is what every published number used;
-    the core loader's alpha compositing would change pixels of RGBA / LA images."""
-    from PIL import Image
-
-    if source is None:
-        return None
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(source))).convert("RGB")
-    if isinstance(source, str):
-        if os.path.exists(source):
-            with Image.open(source) as image:
-                return image.convert("RGB")
-        if source.startswith("data:") and "," in source:
-            source = source.split(",", 1)[1]
-        if len(source) > 256:
-            return Image.open(io.BytesIO(base64.b64decode(source))).convert("RGB")
-        raise FileNotFoundError(f"Image not found: {source}")
-    raise TypeError(f"Cannot open an image from {type(source).__name__}")
 
 
 def answers_of(rec: dict):
