@@ -429,3 +429,20 @@ def test_read_stats_counter_skip(tmp_path):
     samples = read_samples(path, on_error="skip", stats=stats)
     assert len(samples) == 1 and stats["skipped"] == 2
     assert stats["skipped_unknown_role"] == 1 and stats["skipped_empty_conversation"] == 1
+
+
+def test_leading_assistant_turn_counted_by_id(tmp_path, capsys):
+    """Every template drops a conversation's leading assistant turn (the original preprocessing's rule): data check
+    names such samples (warning, by id in --json) and the dataset lists them for the training summary."""
+    records = [
+        {"id": "lead-gpt", "conversations": [{"from": "gpt", "value": "Hi."}, *CLEAN_RECORDS[1]["conversations"]]},
+        {"id": "normal", "conversations": CLEAN_RECORDS[1]["conversations"]},
+    ]
+    path, out = tmp_path / "lead.json", tmp_path / "r.json"
+    path.write_text(json.dumps(records))
+    assert data_main(["check", str(path), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    flagged = [(i["kind"], i["id"], i["severity"]) for i in report["issues"] if i["kind"] == "leading_assistant"]
+    assert flagged == [("leading_assistant", "lead-gpt", "warning")] and report["errors"] == 0
+    assert report["counts"]["leading_assistant"] == 1
+    assert VisionChatDataset.from_file(path).leading_assistant_ids() == ["lead-gpt"]

@@ -71,6 +71,7 @@ def run_two_steps(name, tmp_path, toy_folder, **overrides):
     after = dict(model.named_parameters())
     changed = {n for n in snap.before if not torch.equal(snap.before[n], after[n].detach())}
     assert summary["global_step"] == 2
+    assert summary["dropped_leading_assistant"] == 0  # the toy data has none (counted: tests/test_data.py)
     return snap.trainable, changed, set(snap.before), summary
 
 

@@ -25,6 +25,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..templates import drops_leading_assistant
 from .dataset import load_sample_images
 from .formats import DataError, empty_turns, read_samples
 
@@ -203,6 +204,9 @@ def check_file(
         sample = samples[i]
         for turn in empty_turns(sample):
             report.add("empty_turn", sample["id"], sample["source"], f"turn {turn} is empty", severity="warning")
+        if drops_leading_assistant(sample.get("messages") or []):
+            detail = "the first turn is the assistant's; dropped as the original preprocessing does (not trained on)"
+            report.add("leading_assistant", sample["id"], sample["source"], detail, severity="warning")
         if encoder is None:
             continue
         try:

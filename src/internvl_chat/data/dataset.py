@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..templates import drops_leading_assistant
 from .formats import ON_ERROR, DataError, modality_length, read_samples, sample_images, word_length
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,16 @@ class VisionChatDataset(Dataset):
         from .formats import samples_to_hf_dataset
 
         return samples_to_hf_dataset(self.samples[i] for i in range(len(self.samples)))
+
+    def leading_assistant_ids(self) -> list[Any]:
+        """Ids of the samples whose first turn (after a system message) is the assistant's: every template drops
+        that turn, as the original preprocessing does, so it is never trained on (counted in data check and the
+        training summary)."""
+        return [
+            self.samples[i].get("id")
+            for i in range(len(self.samples))
+            if drops_leading_assistant(self.samples[i].get("messages") or [])
+        ]
 
     def drop_bad_images(self, workers: int = 8) -> VisionChatDataset:
         """A copy without the samples whose images are missing or corrupt (each is opened once, in threads).

@@ -290,6 +290,14 @@ def run(recipe: dict, callbacks: list | None = None, resume: str | bool | None =
             if type(callback) in (ProgressCallback, PrinterCallback):  # exact types: the caller's is a subclass
                 trainer.remove_callback(callback)
     trainer.log_trainable()
+    leading = dataset.leading_assistant_ids()
+    if leading:
+        logger.warning(
+            "data: %d sample(s) start with an assistant turn; it is dropped as the original preprocessing does "
+            "(first ids: %s)",
+            len(leading),
+            ", ".join(map(str, leading[:5])),
+        )
     logger.info(
         "data: %d samples from %s, template %s, max_length %s, over_length %s, packing %s",
         len(dataset),
@@ -320,6 +328,7 @@ def run(recipe: dict, callbacks: list | None = None, resume: str | bool | None =
         "last_loss": losses[-1] if losses else None,
         "seconds": round(time.time() - started, 1),
         "collator": stats,
+        "dropped_leading_assistant": len(leading),
         "written": written,
     }
     if trainer.is_world_process_zero():
