@@ -99,8 +99,7 @@ def quantization_config(bits: int, dtype: torch.dtype):
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError(
             "4/8-bit loading (--load-4bit / --load-8bit, recipe `bits`) needs bitsandbytes, which is not installed: "
-            "pip install bitsandbytes "
-            "(CUDA GPUs only)."
+            "pip install 'internvl-chat[quant]' (CUDA GPUs only)."
         )
     if not torch.cuda.is_available():
         raise ModelLoadError(
