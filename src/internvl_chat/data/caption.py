@@ -20,8 +20,12 @@ so the file is used with ``--image-folder`` of the same root)::
 the human text anyway). ``detailed`` records are detailed-caption conversations (ShareGPT4V) for a finetune
 template.
 
-* Resumable: ``.jsonl`` outputs are appended batch by batch; a ``.json`` output is assembled at the end from
-  ``OUTPUT.partial.jsonl``, which is appended batch by batch. A rerun skips the images already in either.
+* Resumable: the captions of an unfinished job are appended batch by batch to ``OUTPUT.partial.jsonl`` (and its
+  ``.rankN`` parts under a launcher); when every image is done they are added to OUTPUT (the ``.json`` list or the
+  ``.jsonl`` lines, rewritten atomically) in input order. A rerun skips the images already in either.
+* Data-parallel: under ``torchrun`` / ``accelerate launch`` the images are hashed and captioned in round-robin
+  shares (`internvl_chat.data.sharding`), one device per process; OUTPUT is the one a single process writes, and a
+  killed run resumes with any number of processes.
 * Deduplicated by content: the id is the image's sha256 prefix, so the same picture under two names (or in two
   runs) is captioned once; duplicates are counted.
 * Unreadable images (missing, corrupt, too large) are logged with their path, counted and skipped (retried on a
@@ -43,6 +47,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .sharding import Ranks, ShardedJsonl, close_process_group, launch_state, read_jsonl, shard
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_PROMPTS", "IMAGE_EXTENSIONS", "caption_images", "collect_images", "main", "make_parser"]
@@ -55,6 +61,7 @@ DEFAULT_PROMPTS = {
 }
 DEFAULT_MAX_NEW_TOKENS = {"plain": 77, "detailed": 512}
 ID_HEX = 16
+PARTIAL_SUFFIX = ".partial.jsonl"  # OUTPUT + this: the captions of an unfinished job
 
 
 def collect_images(source: str | os.PathLike) -> tuple[list[str], str]:
@@ -85,25 +92,18 @@ def _sha256(path: str) -> str:
 
 
 def _read_records(path: str) -> list[dict[str, Any]]:
+    """The records of a finished output: a JSON list (``.json``) or JSON lines (a torn line is skipped)."""
+    if not path.endswith(".json"):
+        return read_jsonl(path)
     if not os.path.exists(path):
         return []
-    records = []
     with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            text = f.read().strip()
-            return json.loads(text) if text else []
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning("%s:%d: ignoring an unreadable line (interrupted write?)", path, line_no)
-    return records
+        text = f.read().strip()
+    return json.loads(text) if text else []
 
 
-def _partial_path(output: str) -> str:
-    return output + ".partial.jsonl" if not output.endswith(".jsonl") else output
+def _record_key(record: dict[str, Any]) -> str:
+    return str(record["id"])
 
 
 class Captioner:
@@ -175,16 +175,18 @@ def caption_images(
     template: str | None = None,
     max_image_pixels: int | None = None,
     show_progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> dict[str, int]:
-    """Captions ``paths`` into ``output`` (see the module docstring); returns the counts.
+    """Captions ``paths`` into ``output`` (see the module docstring); returns the counts (of every process).
 
     ``paths`` may be :func:`collect_images`' ``(paths, root)``; ``image_root`` (default that root, else the common
-    folder of the paths) is what the written image paths are relative to.
+    folder of the paths) is what the written image paths are relative to. ``ranks``: this process's place in a
+    multi-process run (default: from the launcher's environment, see `internvl_chat.data.sharding`); only the main
+    process writes ``output``.
     """
     from tqdm.auto import tqdm
 
     from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
-    from .scoring import append_jsonl
 
     if style not in DEFAULT_PROMPTS:
         raise ValueError(f"style must be one of {sorted(DEFAULT_PROMPTS)}, got {style!r}")
@@ -197,20 +199,54 @@ def caption_images(
     prompt = prompt or DEFAULT_PROMPTS[style]
     human = "<image>" if style == "plain" else "<image>\n" + (question or prompt)
     captioner = Captioner(model, processor, template, max_new_tokens or DEFAULT_MAX_NEW_TOKENS[style])
+    device = next(model.parameters()).device
+    ranks = ranks or launch_state("cpu" if device.type == "cpu" else None)
     output = os.fspath(output)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    partial = _partial_path(output)
-    previous = _read_records(output) if output != partial else []
-    done = {str(r.get("id")) for r in previous} | {str(r.get("id")) for r in _read_records(partial)}
-    stats: Counter = Counter(images=len(paths))
+    # This job's captions: OUTPUT.partial.jsonl (one process) and its .rankN parts (several), merged into OUTPUT at
+    # the end; OUTPUT itself only holds finished jobs.
+    store = ShardedJsonl(output + PARTIAL_SUFFIX, _record_key, ranks)
+    previous = _read_records(output)
+    job = store.read()
+    done = {str(r.get("id")) for r in previous} | set(job)
     limit = DEFAULT_MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
+
+    # Content ids of every path, hashed in shares and gathered, so that every process agrees on which path of a
+    # duplicated picture is captioned (the first, as one process would decide). The gather is also the point
+    # after which nothing is read: appends start below.
+    mine = shard(range(len(paths)), ranks.rank, ranks.world_size)
+    hashed: dict[int, str | None] = {}
+    for i in mine:
+        try:
+            hashed[i] = _sha256(paths[i])[:ID_HEX]
+        except OSError as err:
+            logger.warning("unreadable image %s: %s", paths[i], err)
+            hashed[i] = None
+    if ranks.world_size > 1:
+        for part in ranks.gather(hashed):
+            hashed.update(part)
+    stats: Counter = Counter(images=len(paths))
+    first: dict[str, int] = {}  # content id -> position of its first path (the merge order)
+    pending: list[tuple[str, str]] = []
+    for i, path in enumerate(paths):
+        key = hashed[i]
+        if key is None:
+            stats["unreadable"] += 1
+        elif key in done or key in first:
+            # [IMPORTANT] same content = same id: a renamed copy, or an image captioned by an earlier run.
+            stats["duplicate"] += 1
+        else:
+            first[key] = i
+            pending.append((key, path))
+    todo = shard(pending, ranks.rank, ranks.world_size)
+    own: Counter = Counter()
 
     def flush(batch: list[tuple[str, str, Any]]) -> None:
         captions = captioner([image for _, _, image in batch], prompt)
         records = []
         for (key, path, _), caption in zip(batch, captions):
             if not caption:
-                stats["empty_caption"] += 1
+                own["empty_caption"] += 1
                 logger.warning("empty caption for %s; not written", path)
                 continue
             rel = os.path.relpath(os.path.abspath(path), os.path.abspath(image_root))
@@ -221,33 +257,20 @@ def caption_images(
                     "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
                 }
             )
-        append_jsonl(partial, records)
-        stats["captioned"] += len(records)
+        store.append(records)
+        own["captioned"] += len(records)
         bar.update(len(batch))  # counted once generated, so the bar does not reach 100 % before the last batch
 
     batch: list[tuple[str, str, Any]] = []
-    bar = tqdm(total=len(paths), desc="captioning", unit="image", disable=not show_progress)
-    for path in paths:
-        try:
-            key = _sha256(path)[:ID_HEX]
-        except OSError as err:
-            stats["unreadable"] += 1
-            logger.warning("unreadable image %s: %s", path, err)
-            bar.update(1)
-            continue
-        if key in done:
-            # [IMPORTANT] same content = same id: a renamed copy, or an image captioned by an earlier run.
-            stats["duplicate"] += 1
-            bar.update(1)
-            continue
+    bar = tqdm(total=len(todo), desc="captioning", unit="image", disable=not (show_progress and ranks.is_main))
+    for key, path in todo:
         try:
             image = load_image(path, max_pixels=limit)
         except (OSError, ValueError, TypeError) as err:
-            stats["unreadable"] += 1
+            own["unreadable"] += 1
             logger.warning("unreadable image %s: %s", path, err)
             bar.update(1)
             continue
-        done.add(key)
         batch.append((key, path, image))
         if len(batch) == batch_size:
             flush(batch)
@@ -255,18 +278,29 @@ def caption_images(
     if batch:
         flush(batch)
     bar.close()
-    if output != partial:
-        # Assemble the JSON list (previous run's output + this run's lines), written atomically.
-        records = previous + _read_records(partial)
-        tmp = output + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+    for counts in ranks.gather(dict(own)):
+        stats.update(counts)
+
+    def in_input_order(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        # Input order, whichever process (or earlier attempt) wrote a record; ids from another input list last.
+        keys = sorted(records, key=lambda k: first.get(k, len(paths)))
+        return [records[k] for k in keys]
+
+    merged = store.finish(in_input_order)
+    if merged is None:  # not the main process
+        return dict(stats)
+    # OUTPUT := its finished records + this job's (not already there: a job killed while writing OUTPUT).
+    have = {str(r.get("id")) for r in previous}
+    records = previous + [r for k, r in merged.items() if k not in have]
+    tmp = output + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        if output.endswith(".jsonl"):
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        else:
             json.dump(records, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, output)
-        if os.path.exists(partial):
-            os.remove(partial)
-        stats["total_records"] = len(records)
-    else:
-        stats["total_records"] = len(_read_records(output))
+    os.replace(tmp, output)
+    store.remove()
+    stats["total_records"] = len(records)
     logger.info("caption: %s", dict(stats))
     return dict(stats)
 
@@ -293,21 +327,29 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..loading import load_model
 
-    model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
-    stats = caption_images(
-        model,
-        processor,
-        collect_images(args.images),
-        args.output,
-        prompt=args.prompt,
-        style=args.style,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        image_root=args.image_root,
-        question=args.question,
-        template=args.template,
-    )
-    sys.stdout.write(json.dumps({"output": args.output, **stats}, indent=2) + "\n")
+    # Under torchrun / accelerate launch each process captions its share on its own device; the main one writes
+    # OUTPUT (internvl_chat.data.sharding).
+    ranks = launch_state(args.device)
+    try:
+        model, processor = load_model(args.model, dtype=args.dtype, device=ranks.device or args.device)
+        stats = caption_images(
+            model,
+            processor,
+            collect_images(args.images),
+            args.output,
+            prompt=args.prompt,
+            style=args.style,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            image_root=args.image_root,
+            question=args.question,
+            template=args.template,
+            ranks=ranks,
+        )
+    finally:
+        close_process_group()
+    if ranks.is_main:
+        sys.stdout.write(json.dumps({"output": args.output, **stats}, indent=2) + "\n")
     return 0
 
 

@@ -85,17 +85,26 @@ def evaluate(
         raise SystemExit(f"No questions read from {data} for task {task.name}")
     logger.info("%s: %d questions from %s", task.name, len(samples), data)
 
-    from .runner import PredictionStore, generate_predictions
+    from ..data.sharding import launch_state, ordered_by
+    from .runner import generate_predictions, prediction_store
 
-    store = PredictionStore(task_dir / "predictions.jsonl")
+    # Under torchrun / accelerate launch every process answers its share; the main process merges, scores and
+    # reports (internvl_chat.data.sharding). A plain run is process 0 of 1.
+    ranks = launch_state(device)
+    store = prediction_store(task_dir / "predictions.jsonl", ranks)
     stats = {"questions": 0}
-    if any(s.key not in store.records for s in samples):
+    order = ordered_by([s.key for s in samples])
+    # Every process reads the same files here: nothing is written before generate_predictions' first barrier.
+    done = store.read()
+    if any(s.key not in done for s in samples):
         if model is None:
             if not model_dir:
                 raise SystemExit("--model is needed: some questions have no prediction yet")
             from .runner import load_model
 
-            model, processor = load_model(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            model, processor = load_model(
+                model_dir, device=ranks.device or device, dtype=dtype, trust_remote_code=trust_remote_code
+            )
         start = time.perf_counter()
         _, stats = generate_predictions(
             model,
@@ -109,11 +118,13 @@ def evaluate(
             model_id=name,
             desc=task.name,
             fast_decode=fast_decode,
+            ranks=ranks,
         )
         stats["wall_seconds"] = time.perf_counter() - start
-    store = PredictionStore(task_dir / "predictions.jsonl")
-    store.finalize([s.key for s in samples])
-    preds = store.texts()
+    records = store.finish(order)
+    if records is None:  # not the main process: its answers are merged; scoring and reports are the main's
+        return {}
+    preds = {k: r["text"] for k, r in records.items()}
 
     # MMBench-style tasks ask a judge only on request (--option judge=true), as VLMEvalKit's exact_matching default.
     wants_judge = task.judged or str(ctx.options.get("judge", "false")).lower() in ("1", "true", "yes")
@@ -124,7 +135,7 @@ def evaluate(
             cache_path=task_dir / "judge_cache.jsonl", default_model=task.judge_model or "gpt-4-0613"
         )
     ctx.judge = judge
-    ctx.answers = store.records
+    ctx.answers = records
     result = task.score(samples, preds, ctx)
     if task.submission is not None:
         try:
@@ -215,7 +226,14 @@ def main(argv=None) -> int:
     if not args.task or not args.data:
         raise SystemExit("--task and --data are required (see --list-tasks)")
     # A JudgeError (one line naming the item and how to resume) is a user error for `internvl-chat`: no traceback.
-    result = _evaluate_args(args)
+    try:
+        result = _evaluate_args(args)
+    finally:
+        from ..data.sharding import close_process_group
+
+        close_process_group()
+    if not result:  # a process other than the main one of a multi-process run
+        return 0
     summary = {k: result[k] for k in ("main", "metric", "count", "submission", "report") if k in result}
     print(json.dumps({"task": args.task, **summary}, indent=2, ensure_ascii=False))
     return 0

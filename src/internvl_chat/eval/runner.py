@@ -24,6 +24,10 @@
   it) and flushed; a rerun skips the ids already
   there (a line cut by a crash is dropped). When every question is answered the file is rewritten in question-file
   order, so an interrupted-then-resumed run and a straight run give the same file.
+* **Data-parallel** (``torchrun`` / ``accelerate launch``): the unanswered questions are dealt round-robin over the
+  processes, each length-sorts and batches its own share and appends to ``predictions.jsonl.rankN``; after a
+  barrier the main process merges everything in question-file order (`internvl_chat.data.sharding`), so the file
+  is the one a single process writes. A resumed run reads every part, whatever number of processes wrote it.
 * **Deterministic**: greedy decoding (``do_sample=False, num_beams=1``), fixed seed, length-sorted order
   independent of the batch size.
 """
@@ -31,7 +35,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -39,12 +42,12 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data.images import load_image as decode_image
+from ..data.sharding import Ranks, ShardedJsonl, launch_state, ordered_by, shard
 from .tasks import Sample
 
 logger = logging.getLogger(__name__)
@@ -89,63 +92,14 @@ def build_prompt(processor, sample: Sample, template: str | None = None, system:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-class PredictionStore:
-    """The append-only ``predictions.jsonl`` of one task."""
+def prediction_key(record: dict) -> str:
+    """The question key of a ``predictions.jsonl`` line (``key`` when the task sets one, else ``question_id``)."""
+    return str(record.get("key", record["question_id"]))
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.records: dict[str, dict] = {}
-        self._order: list[str] = []
-        if self.path.exists():
-            self._load()
 
-    def _load(self) -> None:
-        raw = self.path.read_bytes()
-        good = 0
-        for line in raw.splitlines(keepends=True):
-            # [IMPORTANT] a run killed mid-write leaves a partial last line: drop it (and cut it from the file) so
-            # the rerun's appended lines stay valid JSONL.
-            if not line.endswith(b"\n"):
-                break
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            good += len(line)
-            key = str(rec.get("key", rec["question_id"]))
-            if key not in self.records:
-                self._order.append(key)
-            self.records[key] = rec
-        if good != len(raw):
-            logger.warning("dropping a truncated line at the end of %s", self.path)
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-
-    def append(self, records: Sequence[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                key = str(rec.get("key", rec["question_id"]))
-                if key not in self.records:
-                    self._order.append(key)
-                self.records[key] = rec
-            f.flush()
-            os.fsync(f.fileno())
-
-    def finalize(self, order: Sequence[str]) -> None:
-        """Rewrites the file in question-file order (answers of ids not in ``order`` are kept at the end)."""
-        keys = [k for k in order if k in self.records]
-        keys += [k for k in self._order if k not in set(keys)]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for k in keys:
-                f.write(json.dumps(self.records[k], ensure_ascii=False) + "\n")
-        os.replace(tmp, self.path)
-        self._order = keys
-
-    def texts(self) -> dict[str, str]:
-        return {k: r["text"] for k, r in self.records.items()}
+def prediction_store(path: str | os.PathLike, ranks: Ranks | None = None) -> ShardedJsonl:
+    """The append-only ``predictions.jsonl`` of one task (plus ``.rankN`` parts while several processes write)."""
+    return ShardedJsonl(path, prediction_key, ranks)
 
 
 def _prompt_length(processor, prompt: str, has_image: bool) -> int:
@@ -180,6 +134,7 @@ def generate_predictions(
     desc: str = "eval",
     seed: int = 0,
     fast_decode: bool = False,
+    ranks: Ranks | None = None,
 ) -> tuple[dict[str, str], dict]:
     """Generates the missing answers of ``samples`` into ``output_file``; returns ({key: text}, speed stats).
 
@@ -196,13 +151,25 @@ def generate_predictions(
     (image decoding + preprocessing + tokenization summed over the worker threads; near ``loop_seconds`` ×
     ``num_workers`` means the workers, not the model, set the pace).
     """
-    store = PredictionStore(output_file)
-    todo = [s for s in samples if s.key not in store.records]
+    device = next(model.parameters()).device
+    ranks = ranks or launch_state("cpu" if device.type == "cpu" else None)
+    store = prediction_store(output_file, ranks)
+    done = store.read()
+    pending = [s for s in samples if s.key not in done]
+    # Round-robin share of what is left (data.sharding); the length sort below then orders this share only.
+    todo = shard(pending, ranks.rank, ranks.world_size)
+    # [IMPORTANT] every process has read the files (and agreed on `pending`) before any of them appends.
+    ranks.barrier()
     stats = {"questions": len(todo), "seconds": 0.0, "questions_per_second": None, "batch_size": batch_size}
     stats.update({"fast_decode": False, "batches": 0, **dict.fromkeys(TIMING_KEYS, 0.0)})
     if todo:
         logger.info(
-            "%s: %d questions to answer (%d already in %s)", desc, len(todo), len(samples) - len(todo), output_file
+            "%s: %d questions to answer (%d already in %s%s)",
+            desc,
+            len(todo),
+            len(samples) - len(pending),
+            output_file,
+            f"; process {ranks.rank} of {ranks.world_size}" if ranks.world_size > 1 else "",
         )
         prompts = {s.key: build_prompt(processor, s, template, system) for s in todo}
         lengths = {s.key: _prompt_length(processor, prompts[s.key], s.image is not None) for s in todo}
@@ -232,12 +199,30 @@ def generate_predictions(
             desc=desc,
             seed=seed,
             decoder=decoder,
+            show_progress=ranks.is_main,
         )
         stats.update(timings, fast_decode=decoder is not None, batches=len(batches))
         stats["seconds"] = timings["generate_seconds"]
         stats["questions_per_second"] = len(todo) / stats["seconds"] if stats["seconds"] else None
-    store.finalize([s.key for s in samples])
-    return store.texts(), stats
+    if ranks.world_size > 1:
+        stats = combine_stats(ranks.gather(stats))
+    records = store.finish(ordered_by([s.key for s in samples]))
+    return ({k: r["text"] for k, r in records.items()} if records is not None else {}), stats
+
+
+def combine_stats(per_rank: Sequence[dict]) -> dict:
+    """The stats of a multi-process run: questions and batches summed, each time the slowest process's (the run
+    waits for it), ``questions_per_second`` of the whole run, and every process's own stats under ``per_rank``."""
+    out = dict(per_rank[0])
+    out["questions"] = sum(s["questions"] for s in per_rank)
+    out["batches"] = sum(s["batches"] for s in per_rank)
+    out["fast_decode"] = any(s["fast_decode"] for s in per_rank)
+    for key in ("seconds", *TIMING_KEYS):
+        out[key] = max(s[key] for s in per_rank)
+    out["questions_per_second"] = out["questions"] / out["seconds"] if out["seconds"] else None
+    out["world_size"] = len(per_rank)
+    out["per_rank"] = list(per_rank)
+    return out
 
 
 def _prepare(processor, batch: Sequence[Sample], prompts: dict[str, str]):
@@ -442,6 +427,7 @@ def _run_batches(
     desc,
     seed,
     decoder=None,
+    show_progress=True,
 ) -> dict[str, float]:
     torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -460,7 +446,7 @@ def _run_batches(
     loop_start = time.perf_counter()
     prefetcher = _Prefetcher(processor, batches, prompts, num_workers, prefetch)
     try:
-        with tqdm(total=total, desc=desc, unit="q") as bar:
+        with tqdm(total=total, desc=desc, unit="q", disable=not show_progress) as bar:
             for i, batch in enumerate(batches):
                 start = time.perf_counter()
                 inputs = prefetcher.next()
