@@ -39,17 +39,16 @@ tokens with the tokenizer's offsets, exactly as training labels are (:func:`~int
 so it is the same for every template and tokenizer. Scoring is batched (right or left padding with explicit
 position ids, so padding never changes a loss), runs in the model's dtype (the cross-entropy is taken in float32
 by :func:`~internvl_chat.modeling.modeling_internvl_chat.supervised_cross_entropy`, only on scored positions), and
-splits the samples over processes with accelerate: every process appends to its own ``scores.jsonl.rankN``, which
-the main process merges into ``scores.jsonl``. It is resumable: every finished sample is one JSONL line; a rerun
-skips the samples already scored with the needed losses by the same models. A missing / corrupt image, an
-over-long unit, an unpaired conversation is recorded with its reason -- never fatal -- and retried on a rerun.
+splits the samples over processes (accelerate; the rule of :mod:`~internvl_chat.data.sharding`): every process
+appends to its own ``scores.jsonl.rankN``, which the main process merges into ``scores.jsonl``. It is resumable:
+every finished sample is one JSONL line; a rerun skips the samples already scored with the needed losses by the
+same models. A missing / corrupt image, an over-long unit, an unpaired conversation is recorded with its reason --
+never fatal -- and retried on a rerun.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import logging
 import math
 import os
@@ -64,6 +63,7 @@ from ..modeling.modeling_internvl_chat import supervised_cross_entropy
 from ..templates import encode_chat, render_chat
 from .dataset import load_sample_images
 from .formats import IMAGE_TOKEN, DataError
+from .sharding import Ranks, ShardedJsonl, read_jsonl, shard
 
 logger = logging.getLogger(__name__)
 
@@ -438,61 +438,19 @@ def sample_keys(samples: Iterable[Mapping[str, Any]]) -> list[str]:
     return keys
 
 
+def _scores_store(path: str | os.PathLike, acc: Any = None) -> ShardedJsonl:
+    """The scores JSONL as a `ShardedJsonl` (one part per process while several score; data.sharding)."""
+    return ShardedJsonl(path, lambda record: record["key"], Ranks(acc) if acc is not None else None, sync=False)
+
+
 def read_scores(path: str | os.PathLike, include_parts: bool = True) -> dict[str, dict[str, Any]]:
     """Scores JSONL (plus unmerged ``.rankN`` parts) → ``{key: record}``; a later line for a key wins.
 
     A truncated last line (a run killed while writing) is ignored with a warning.
     """
-    files = [os.fspath(path)]
     if include_parts:
-        files += sorted(glob.glob(glob.escape(os.fspath(path)) + ".rank*"))
-    records: dict[str, dict[str, Any]] = {}
-    for file in files:
-        if not os.path.exists(file):
-            continue
-        with open(file, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    logger.warning("%s:%d: ignoring an unreadable line (interrupted write?)", file, line_no)
-                    continue
-                records[record["key"]] = record
-    return records
-
-
-def append_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> None:
-    """Appends records as JSON lines, starting on a fresh line.
-
-    # [IMPORTANT] a run killed mid-write leaves a torn last line without "\\n"; appending right after it would glue
-    # the next record onto it and lose that record too. One newline first isolates the torn line.
-    """
-    path = os.fspath(path)
-    prefix = ""
-    if os.path.exists(path) and os.path.getsize(path):
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            prefix = "" if f.read(1) == b"\n" else "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(prefix + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-
-
-def _merge_parts(path: str) -> None:
-    parts = sorted(glob.glob(glob.escape(path) + ".rank*"))
-    if not parts:
-        return
-    with open(path, "a", encoding="utf-8") as out:
-        for part in parts:
-            with open(part, encoding="utf-8") as f:
-                for line in f:
-                    # Only complete lines: a torn last line of a killed process is dropped (rescored later).
-                    if line.endswith("\n"):
-                        out.write(line)
-    for part in parts:
-        os.remove(part)
+        return _scores_store(path).read()
+    return {record["key"]: record for record in read_jsonl(path) if "key" in record}
 
 
 # ----------------------------------------------------------------------------------------------------- scorer
@@ -815,26 +773,25 @@ class ConditionalLossScorer:
         if unknown:
             raise ValueError(f"unknown losses {unknown}; known: {sorted(LOSSES)}")
         acc = self.accelerator
+        ranks = Ranks(acc)
         path = os.fspath(scores_path) if scores_path is not None else None
-        if path and acc.is_main_process:
+        store = _scores_store(path, acc) if path else None
+        if store is not None and ranks.is_main:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            _merge_parts(path)  # leftovers of an interrupted multi-process run
-        acc.wait_for_everyone()
+            store.merge()  # leftovers of an interrupted multi-process run
+        ranks.barrier()
         keys = sample_keys(samples)
-        done = read_scores(path) if path else {}
+        done = store.read() if store is not None else {}
         pending = [i for i, key in enumerate(keys) if not self._finished(done.get(key), losses)]
         logger.info("scoring %d of %d samples (%d already scored)", len(pending), len(keys), len(keys) - len(pending))
-        out_path = None
-        if path:
-            out_path = path if acc.num_processes == 1 else f"{path}.rank{acc.process_index}"
-        mine: list[int]
-        with acc.split_between_processes(pending) as mine:
-            mine = list(mine)
+        # [IMPORTANT] every process has read the scores before any appends to its part.
+        ranks.barrier()
+        mine = shard(pending, ranks.rank, ranks.world_size)
         new: list[dict[str, Any]] = []
         from tqdm.auto import tqdm
 
         progress = tqdm(
-            total=len(mine), desc="scoring", unit="sample", disable=not (self.show_progress and acc.is_main_process)
+            total=len(mine), desc="scoring", unit="sample", disable=not (self.show_progress and ranks.is_main)
         )
         for n_chunk, c in enumerate(range(0, len(mine), self.chunk_size)):
             if limit is not None and n_chunk >= limit:
@@ -842,23 +799,20 @@ class ConditionalLossScorer:
             chunk = [(keys[i], i, samples[i]) for i in mine[c : c + self.chunk_size]]
             records = [self._merge(done.get(r["key"]), r) for r in self._score_chunk(chunk, losses)]
             new.extend(records)
-            if out_path:
-                append_jsonl(out_path, records)
+            if store is not None:
+                store.append(records)
             progress.update(len(chunk))
         progress.close()
-        if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            new = gather_object(new)
+        if ranks.world_size > 1:
+            new = [record for part in ranks.gather(new) for record in part]
             # Counts of every process (the summary reports the whole run, not rank 0's share).
             totals: Counter = Counter()
-            for stats in gather_object([dict(self.stats)]):
+            for stats in ranks.gather(dict(self.stats)):
                 totals.update(stats)
             self.stats = totals
-            acc.wait_for_everyone()
-            if path and acc.is_main_process:
-                _merge_parts(path)
-            acc.wait_for_everyone()
+            if store is not None:
+                store.finish()
+            ranks.barrier()
         for record in new:
             done[record["key"]] = record
         if self.stats:
