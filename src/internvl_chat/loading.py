@@ -77,6 +77,15 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+def default_device() -> str:
+    """``cuda`` when available (``cuda:LOCAL_RANK`` in a process started by torchrun / accelerate launch, so the
+    processes of a data-parallel run do not all land on GPU 0), else ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    return f"cuda:{local_rank}" if local_rank >= 0 else "cuda"
+
+
 def resolve_dtype(dtype: str, device: str, cuda_auto: str = "bfloat16") -> torch.dtype:
     """`auto` is float32 on CPU; on CUDA `cuda_auto` (bfloat16 when supported, else float16; eval asks float16,
     LLaVA's evaluation dtype)."""
@@ -169,7 +178,7 @@ def load_model(
 
     if load_4bit and load_8bit:
         raise ModelLoadError("Pass only one of --load-4bit and --load-8bit.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device, cuda_auto_dtype)
     quantization = quantization_config(4 if load_4bit else 8 if load_8bit else 16, torch_dtype)
 
