@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .sharding import Ranks, ShardedJsonl, close_process_group, launch_state, read_jsonl, shard
+from .sharding import Ranks, ShardedJsonl, close_process_group, launch_state, log_level, read_jsonl, shard
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ def caption_images(
         elif key in done or key in first:
             # [IMPORTANT] same content = same id: a renamed copy, or an image captioned by an earlier run.
             stats["duplicate"] += 1
+            first.setdefault(key, i)
         else:
             first[key] = i
             pending.append((key, path))
@@ -324,7 +325,7 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..loading import load_model
 
     # Under torchrun / accelerate launch each process captions its share on its own device; the main one writes

@@ -54,6 +54,7 @@ __all__ = [
     "close_process_group",
     "launch_state",
     "launched",
+    "log_level",
     "ordered_by",
     "part_path",
     "part_paths",
@@ -183,6 +184,11 @@ class Ranks:
 def launched() -> bool:
     """Whether this process was started by a launcher (torchrun / accelerate launch set ``LOCAL_RANK``)."""
     return int(os.environ.get("LOCAL_RANK", -1)) != -1 or int(os.environ.get("WORLD_SIZE", 1) or 1) > 1
+
+
+def log_level(level: int = logging.INFO) -> int:
+    """``level`` for the main process of a launch (or a plain run), WARNING for the others (one copy of the logs)."""
+    return level if int(os.environ.get("RANK", 0) or 0) == 0 else max(level, logging.WARNING)
 
 
 def launch_state(device: str | None = None) -> Ranks:

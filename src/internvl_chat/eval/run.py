@@ -29,6 +29,7 @@ import os
 import time
 from pathlib import Path
 
+from ..data.sharding import log_level
 from .report import SEED_SCORES, reference_name, update_scores, write_report
 from .tasks import TASKS, TaskContext, ensure_unique_keys, get_task
 
@@ -218,7 +219,7 @@ def _evaluate_args(args) -> dict:
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=log_level(), format="%(message)s")
     if args.list_tasks:
         for task in TASKS.values():
             print(f"{task.name:<16} {task.family:<8} {task.description}")
