@@ -11,6 +11,7 @@ in the error; truncation that would cut image tokens is refused. Part of the Hub
 """
 
 from transformers import BatchFeature, ProcessorMixin
+from transformers.processing_utils import MultiModalData
 from transformers.utils import logging
 
 from .image_processing_internvl_chat import PREPROCESS_OPTIONS
@@ -336,6 +337,20 @@ class InternVLChatProcessor(ProcessorMixin):
                     t = t[: t.index(stop)]
             out.append(t.strip())
         return out
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        """Placeholder tokens per image for images of the given (height, width) sizes, as transformers' serving
+        code and vLLM's transformers backend ask every processor (`LlavaProcessor` has the same method).
+
+        Every image becomes one fixed-size input (padded or resized to the square input, whatever its size), so
+        each one takes `image_seq_length` tokens and one patch. Returns a `MultiModalData` with `num_image_tokens`
+        and `num_image_patches` (one entry per size); empty when `image_sizes` is None.
+        """
+        vision_data = {}
+        if image_sizes is not None:
+            vision_data["num_image_tokens"] = [self.image_seq_length] * len(image_sizes)
+            vision_data["num_image_patches"] = [1] * len(image_sizes)
+        return MultiModalData(**vision_data)
 
     @property
     def model_input_names(self):
