@@ -27,6 +27,7 @@ VERBS = {
     "data": ("internvl_chat.data.cli", "check a dataset, convert between LLaVA JSON / datasets / parquet"),
     "train": ("internvl_chat.training.train", "run a training recipe (YAML) with TRL's SFTTrainer"),
     "eval": ("internvl_chat.eval.run", "evaluate on a benchmark"),
+    "lmms-eval": ("internvl_chat.eval.lmms_cli", "run lmms-eval with our model registered as --model internvl_chat"),
     "chat": ("internvl_chat.serve.chat", "multi-turn terminal chat"),
     "serve": ("internvl_chat.serve.server", "OpenAI-compatible HTTP server"),
     "web": ("internvl_chat.serve.web", "Gradio web UI"),
