@@ -102,9 +102,21 @@ def test_program_errors_keep_their_traceback(monkeypatch):
         main(["create", "--preset", "llava-v1.5-7b", "--output", "x"])
 
 
-# Verbs whose modules import torch / transformers only after parsing. (create, convert, export, chat, serve, web still
-# import them at module level.)
-LIGHT_VERBS = ["demo", "data", "train", "eval", "push", "select", "caption"]
+# Verbs whose modules import torch / transformers only after parsing.
+LIGHT_VERBS = [
+    "demo",
+    "data",
+    "train",
+    "eval",
+    "push",
+    "select",
+    "caption",
+    "create",
+    "convert",
+    "export",
+    "chat",
+    "web",
+]
 
 
 @pytest.mark.parametrize("verb", LIGHT_VERBS)

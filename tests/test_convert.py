@@ -796,3 +796,11 @@ def test_flags_sharing_a_dest_default_as_documented(verb):
             for action in actions:
                 parsed = parser.parse_args([*base, action.option_strings[0]])
                 assert getattr(parsed, dest) == action.const, f"{where}: {action.option_strings[0]}"
+
+
+def test_cli_format_names_are_the_registry():
+    """`convert --from` choices are named in the light cli module (fast --help); they must be the registry's."""
+    from internvl_chat.hub.convert.cli import FORMAT_NAMES
+    from internvl_chat.hub.convert.registry import FORMATS
+
+    assert FORMAT_NAMES == tuple(sorted(FORMATS))

@@ -8,7 +8,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import TOKENIZERS
 from internvl_chat.factories import create
-from internvl_chat.presets import PRESETS, TOWERS, input_size
+from internvl_chat.presets import PRESETS, TOWERS, input_size, tower_stats
 
 TOKENIZER_OF = {"vicuna_v1": "vicuna-v1.5", "phi3_instruct": "phi-3.5-mini", "llama3": "llama-3.1"}
 
@@ -27,7 +27,7 @@ def test_tiny_preset_builds_saves_reloads_and_chats(name, tmp_path):
     assert config.template == PRESETS[name].template
     assert config.vision_config.model_type == TOWERS[PRESETS[name].tower]["config"]["model_type"]
     assert proc.image_processor.image_size == input_size(PRESETS[name], tiny=True)
-    assert tuple(proc.image_processor.image_mean) == TOWERS[PRESETS[name].tower]["mean"]
+    assert tuple(proc.image_processor.image_mean) == tower_stats(PRESETS[name].tower)[0]
 
     image = Image.fromarray((np.random.default_rng(0).random((30, 50, 3)) * 255).astype("uint8"))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .presets import LLMS, TOWERS, build_config, get_preset, input_size
+from .presets import LLMS, build_config, get_preset, input_size, tower_stats
 from .templates import TEMPLATES, get_template
 
 logger = logging.getLogger(__name__)
@@ -54,14 +54,14 @@ def prepare_tokenizer(tokenizer_path: str, model_max_length: int):
 
 def build_processor(preset_name: str, tokenizer, image_seq_length: int, tiny: bool):
     preset = get_preset(preset_name)
-    tower = TOWERS[preset.tower]
+    mean, std = tower_stats(preset.tower)
     return make_processor(
         tokenizer,
         template=preset.template,
         image_mode=preset.image_mode,
         size=input_size(preset, tiny),
-        mean=tower["mean"],
-        std=tower["std"],
+        mean=mean,
+        std=std,
         image_seq_length=image_seq_length,
     )
 

@@ -26,12 +26,24 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# [IMPORTANT] torch is imported where it is used, not here: the verbs' argument parsers import this module, and
+# `--help` must answer before torch loads. `DTYPES` (name -> torch dtype) is built on first access.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":
+        import torch
+
+        return {n: getattr(torch, n) for n in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ModelLoadError(RuntimeError):
@@ -45,7 +57,7 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> ar
     group.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", *DTYPES],
+        choices=["auto", *DTYPE_NAMES],
         help="weights dtype; auto = bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on CPU",
     )
     group.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
@@ -80,6 +92,8 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 def default_device() -> str:
     """``cuda`` when available (``cuda:LOCAL_RANK`` in a process started by torchrun / accelerate launch, so the
     processes of a data-parallel run do not all land on GPU 0), else ``cpu``."""
+    import torch
+
     if not torch.cuda.is_available():
         return "cpu"
     local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -89,10 +103,12 @@ def default_device() -> str:
 def resolve_dtype(dtype: str, device: str, cuda_auto: str = "bfloat16") -> torch.dtype:
     """`auto` is float32 on CPU; on CUDA `cuda_auto` (bfloat16 when supported, else float16; eval asks float16,
     LLaVA's evaluation dtype)."""
+    import torch
+
     if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ModelLoadError(f"Unknown --dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
-        return DTYPES[dtype]
+        if dtype not in DTYPE_NAMES:
+            raise ModelLoadError(f"Unknown --dtype {dtype!r}; choose one of auto, {', '.join(DTYPE_NAMES)}.")
+        return getattr(torch, dtype)
     if device.startswith("cuda"):
         if cuda_auto == "float16" or not torch.cuda.is_bf16_supported():
             return torch.float16
@@ -102,6 +118,8 @@ def resolve_dtype(dtype: str, device: str, cuda_auto: str = "bfloat16") -> torch
 
 def quantization_config(bits: int, dtype: torch.dtype):
     """bitsandbytes config quantizing the LLM only (4 = NF4 with double quantization, 8 = int8); None for 16."""
+    import torch
+
     if bits not in (4, 8):
         return None
     # [IMPORTANT] import lazily: bitsandbytes is optional and imports CUDA libraries at import time.

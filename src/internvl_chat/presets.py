@@ -11,10 +11,13 @@ Used by `internvl_chat.factories` (`internvl-chat create`, training, convert).
 
 from dataclasses import dataclass, field
 
-# The image statistics live once, in the Hub unit's image processor (the defaults it ships with).
-from .modeling.image_processing_internvl_chat import IMAGENET_MEAN, IMAGENET_STD
-from .modeling.image_processing_internvl_chat import OPENAI_CLIP_MEAN as CLIP_MEAN
-from .modeling.image_processing_internvl_chat import OPENAI_CLIP_STD as CLIP_STD
+# The image statistics live once, in the Hub unit's image processor (the defaults it ships with); rows name them
+# ("clip" / "imagenet") and `tower_stats` reads them there, so importing the zoo (e.g. for `--help` choices) does
+# not import torch / transformers.
+IMAGE_STATS = {
+    "clip": ("OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"),
+    "imagenet": ("IMAGENET_MEAN", "IMAGENET_STD"),
+}
 
 CLIP_L_336 = {
     "model_type": "clip_vision_model",
@@ -31,18 +34,16 @@ CLIP_L_336 = {
 
 # Vision towers: the vision_config dict, the feature layer, and the image statistics the tower was trained with.
 TOWERS = {
-    "clip-vit-l-336": {"config": CLIP_L_336, "feature_layer": -2, "mean": CLIP_MEAN, "std": CLIP_STD},
+    "clip-vit-l-336": {"config": CLIP_L_336, "feature_layer": -2, "stats": "clip"},
     "intern-vit-6b-224": {
         "config": {"model_type": "intern_vit_6b", "image_size": 224},
         "feature_layer": -4,
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
+        "stats": "imagenet",
     },
     "intern-vit-6b-448": {
         "config": {"model_type": "intern_vit_6b", "image_size": 448},
         "feature_layer": -4,
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
+        "stats": "imagenet",
     },
     "multipath-clip-l-convnext-l": {
         "config": {
@@ -54,8 +55,7 @@ TOWERS = {
             "input_image_size": 768,
         },
         "feature_layer": None,
-        "mean": CLIP_MEAN,
-        "std": CLIP_STD,
+        "stats": "clip",
     },
 }
 
@@ -248,3 +248,11 @@ def build_config(name: str, vocab_size: int, image_token_id: int, tiny: bool = F
         image_seq_length=image_seq_length(vision, size, preset.select_strategy),
         template=preset.template,
     )
+
+
+def tower_stats(tower: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a tower was trained with, from the image processor's one definition."""
+    from .modeling import image_processing_internvl_chat as image_processing
+
+    mean, std = IMAGE_STATS[TOWERS[tower]["stats"]]
+    return getattr(image_processing, mean), getattr(image_processing, std)

@@ -23,12 +23,10 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from ..loading import DTYPE_NAMES
 
-from ..keymaps import to_llava_hf_key
-from ..loading import DTYPES
-from .checkpoint_io import CheckpointError, ShardedWriter, iter_tensors, tensor_specs, weight_files
-from .convert.common import ConversionError, read_json
+# [IMPORTANT] the checkpoint I/O (torch) is imported inside the functions: `internvl-chat export --help` imports
+# this module for its parser and must answer before torch loads.
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +34,8 @@ logger = logging.getLogger(__name__)
 def llava_config(config: dict) -> dict:
     """Our config.json (dict) → a LlavaConfig dict, or a ConversionError saying what Llava cannot express."""
     from transformers import LlavaConfig
+
+    from .convert.common import ConversionError
 
     vision = dict(config["vision_config"])
     if vision.get("model_type") != "clip_vision_model":
@@ -64,6 +64,8 @@ def llava_config(config: dict) -> dict:
 
 def export_processor(src: Path, dst: Path, config: dict) -> None:
     from transformers import AutoTokenizer, LlavaImageProcessor, LlavaProcessor
+
+    from .convert.common import ConversionError, read_json
 
     processor_config = read_json(src / "processor_config.json") if (src / "processor_config.json").is_file() else {}
     image = processor_config.get("image_processor") or read_json(src / "preprocessor_config.json")
@@ -95,6 +97,13 @@ def export_processor(src: Path, dst: Path, config: dict) -> None:
 
 def export(src, dst, dtype: str = "auto", max_shard_size="5GB") -> dict:
     """Writes `src` (ours) as a transformers Llava folder `dst`; returns a summary."""
+    from tqdm.auto import tqdm
+
+    from ..keymaps import to_llava_hf_key
+    from ..loading import DTYPES
+    from .checkpoint_io import ShardedWriter, iter_tensors, tensor_specs, weight_files
+    from .convert.common import ConversionError, read_json
+
     src, dst = Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise ConversionError(f"Output folder {dst} is not empty.")
@@ -139,13 +148,15 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     parser = parser or argparse.ArgumentParser(prog="internvl-chat export", description=__doc__.splitlines()[0])
     parser.add_argument("src", help="our model folder (CLIP tower)")
     parser.add_argument("dst", help="output folder for the transformers Llava checkpoint")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     parser.add_argument("--max-shard-size", default="5GB")
     return parser
 
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
+    from .checkpoint_io import CheckpointError
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         summary = export(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)

@@ -14,14 +14,19 @@ whole conversation, images included, as LLaVA's CLI does. Reads standard input, 
 `printf '/image cat.jpg\\nWhat is it?\\n' | internvl-chat chat --model DIR`.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..loading import ModelLoadError, add_model_args, load_model, model_kwargs
-from .engine import Engine, EngineError, SamplingParams
+
+if TYPE_CHECKING:  # the engine (torch) is imported in main(): `--help` answers before torch loads
+    from .engine import Engine, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +119,8 @@ def _read(prompt: str) -> str | None:
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
+    from .engine import Engine, EngineError, SamplingParams
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         model, processor = load_model(**model_kwargs(args))

@@ -23,9 +23,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..loading import ModelLoadError, add_model_args, load_model, model_kwargs
-from .engine import Cancelled, Engine, EngineError, SamplingParams
+
+if TYPE_CHECKING:  # the engine (torch) is imported where it is used: `--help` answers before torch loads
+    from .engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ MODES = {"Pad": "pad", "Crop": "square", "Resize": "resize"}
 class InProcessBackend:
     """Generates with an `Engine` in this process."""
 
-    def __init__(self, engine: Engine, name: str = "model"):
+    def __init__(self, engine: "Engine", name: str = "model"):
         self.engine, self.name = engine, name
 
     def open(self, turns: list[dict], mode: str, temperature: float, top_p: float, max_tokens: int) -> "AnswerStream":
@@ -46,6 +49,8 @@ class InProcessBackend:
             messages.append({"role": turn["role"], "content": content})
             if turn.get("image") is not None:
                 images.append(turn["image"])
+        from .engine import SamplingParams
+
         params = SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p))
         handle = self.engine.submit(self.engine.prepare(messages, images, image_aspect_ratio=mode), params)
         return AnswerStream(handle.stream(), handle.cancel)
@@ -258,6 +263,8 @@ class ChatSessions:
                 reply["text"] += delta
                 yield _chat_view([*turns, reply])
         except Exception as err:  # noqa: BLE001 - engine / openai errors are shown in the chat; the UI keeps running
+            from .engine import Cancelled, EngineError
+
             if not (answer is not None and answer.cancelled) and not isinstance(err, Cancelled):
                 logger.warning("generation failed: %s", err)
                 detail = (
@@ -413,6 +420,8 @@ def main(argv=None) -> int:
             sys.stderr.write(f"error: {err}\n")
             return 2
         from pathlib import Path
+
+        from .engine import Engine
 
         engine = Engine(model, processor, max_batch_size=args.max_batch_size).start()
         backend = InProcessBackend(engine, Path(args.model).name)

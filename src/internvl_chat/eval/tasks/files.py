@@ -13,7 +13,6 @@ import math
 import os
 from pathlib import Path
 
-from ...data.images import load_image as decode_image  # noqa: F401 - re-exported for the task readers
 from .base import TaskContext
 
 
@@ -125,6 +124,14 @@ def image_value(value, image_folder: str | None):
     if isinstance(value, str) and image_folder and len(value) < 1024 and not os.path.isabs(value):
         return os.path.join(image_folder, value)
     return value
+
+
+def decode_image(source):
+    """Decodes an image cell with the one loader (`internvl_chat.data.images.load_image`; imported on use, so the
+    task registry stays light for `eval --help`)."""
+    from ...data.images import load_image
+
+    return load_image(source)
 
 
 def answers_of(rec: dict):

@@ -41,18 +41,26 @@ Modules: `common` (options, plan, error, config helpers), `towers`, one module p
 one writer), `cli`.
 """
 
-from .cli import main, make_parser
-from .common import ConversionError, ConvertOptions, Plan
-from .registry import FORMATS, Format, convert, detect_format
+import importlib
 
-__all__ = [
-    "FORMATS",
-    "ConversionError",
-    "ConvertOptions",
-    "Format",
-    "Plan",
-    "convert",
-    "detect_format",
-    "main",
-    "make_parser",
-]
+# Where each public name lives. Resolved on first access, so `internvl-chat convert --help` (which imports this
+# package for its parser) answers before torch and the format modules load.
+_EXPORTS = {
+    "main": ".cli",
+    "make_parser": ".cli",
+    "ConversionError": ".common",
+    "ConvertOptions": ".common",
+    "Plan": ".common",
+    "FORMATS": ".registry",
+    "Format": ".registry",
+    "convert": ".registry",
+    "detect_format": ".registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...presets import IMAGENET_MEAN, IMAGENET_STD
+from ...modeling.image_processing_internvl_chat import IMAGENET_MEAN, IMAGENET_STD
 from ..checkpoint_io import weight_files
 from .common import (
     ConvertOptions,

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...presets import CLIP_MEAN, CLIP_STD
+from ...modeling.image_processing_internvl_chat import OPENAI_CLIP_MEAN as CLIP_MEAN
+from ...modeling.image_processing_internvl_chat import OPENAI_CLIP_STD as CLIP_STD
 from .common import (
     ConvertOptions,
     Plan,

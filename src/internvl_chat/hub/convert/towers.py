@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 
 from ...keymaps import SKIP
-from ...presets import CLIP_MEAN, CLIP_STD
+from ...modeling.image_processing_internvl_chat import OPENAI_CLIP_MEAN as CLIP_MEAN
+from ...modeling.image_processing_internvl_chat import OPENAI_CLIP_STD as CLIP_STD
 from ..checkpoint_io import tensor_specs, weight_files
 from .common import CONFIG_DROP, ConversionError, ConvertOptions, Tower, local_folder, read_json
 
