@@ -1,4 +1,4 @@
-"""Streaming, dynamically batched generation shared by `chat`, `serve` and `web`.
+"""Streaming, continuously batched generation shared by `chat`, `serve` and `web`.
 
     from internvl_chat.serve.engine import Engine, SamplingParams
     engine = Engine(model, processor, max_batch_size=16, batch_window=0.01, max_queue=64).start()
@@ -8,15 +8,21 @@
     engine.stop()
 
 One worker thread owns the model. Requests are tokenized and their images preprocessed by the caller (`prepare`,
-any thread), then queued; the worker takes the oldest request, waits `batch_window` seconds for more with the same
-sampling settings (temperature / top-p; `max_new_tokens` and `stop` may differ), left-pads them into one batch and
-runs one `model.generate` call. Each step a per-row stopping criterion decodes the new token of every row,
-streams its text to that request's channel, and ends the row on EOS, a stop string, its own token limit, its
-deadline or its client going away; the call ends when every row has ended.
+any thread), then queued. Two schedulers:
 
-Over capacity (`max_queue` requests waiting), `submit` raises `Overloaded` at once: callers answer 503 instead of
-letting clients time out. There is no continuous batching: a request arriving while a batch runs waits for the
-next one (the batch ends early when all its rows stopped or were cancelled).
+- `scheduler="continuous"` (default): a fixed pool of `max_batch_size` slots on one static KV cache
+  (`serve/batching.py`). Between decoding steps, waiting requests join free slots (their prompts run as one batched
+  prefill, at most `max_prefill_tokens` padded tokens per step, whose keys/values are copied into the slots) and
+  finished ones leave; each step then decodes one token for every slot in one call (compiled and CUDA-graphed on
+  CUDA). Sampling (greedy, temperature, top-p) is per request, so requests with different settings share steps.
+- `scheduler="window"`: the worker takes the oldest request, waits `batch_window` seconds for more with the same
+  sampling settings, left-pads them into one batch and runs one `model.generate` call; a request arriving while a
+  batch runs waits for the next one. Used for models the slot cache cannot serve (flash-attention, sliding-window
+  layers shorter than the cache): the continuous engine falls back to it with a warning.
+
+Either way a per-row decoder (`_RowDecoder`) turns each new token into streamed text and ends the row on EOS, a stop
+string, its own token limit, its deadline or its client going away. Over capacity (`max_queue` requests waiting),
+`submit` raises `Overloaded` at once: callers answer 503 instead of letting clients time out.
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .batching import SlotDecoder, UnsupportedModel, check_supported, kv_bytes_per_token
+
 logger = logging.getLogger(__name__)
+
+SCHEDULERS = ("continuous", "window")
+DEFAULT_MAX_CACHE_LEN = 4096
 
 
 class EngineError(Exception):
@@ -340,11 +351,20 @@ class Engine:
 
     Args:
         model / processor: an `InternVLChatForConditionalGeneration` and its `InternVLChatProcessor`.
-        max_batch_size: most rows in one `generate` call (1 = one request at a time).
-        batch_window: seconds to wait for more requests after the first one of a batch arrived.
+        max_batch_size: most requests decoding at once (slots; 1 = one request at a time).
+        batch_window: seconds to wait for more requests after the first one arrived at an idle engine (so that a
+            burst shares one prefill / one `generate` call).
         max_queue: most requests waiting (not yet running); beyond it `submit` raises `Overloaded`.
         request_timeout: seconds from submission until a request fails with `RequestTimeout`.
-        max_context: most prompt + new tokens (default: the LLM's `max_position_embeddings`).
+        max_context: most prompt + new tokens (default: the LLM's `max_position_embeddings`; with the continuous
+            scheduler also at most `max_cache_len`).
+        scheduler: "continuous" (slots on a static cache) or "window" (one `generate` call per batch).
+        max_cache_len: tokens per slot of the continuous scheduler's cache (default: min(max_context, 4096), and on
+            CUDA at most what fits in half of the free memory).
+        max_prefill_tokens: most padded prompt tokens prefilled in one step (bounds the stall of running requests
+            and the prefill's memory; a single longer prompt still runs alone).
+        seed: seeds the continuous scheduler's sampling generator (reproducible sampling for one arrival order).
+        compile: compile + CUDA-graph the decode step (default: on CUDA, one device, not quantized).
     """
 
     def __init__(
@@ -357,9 +377,16 @@ class Engine:
         max_queue: int = 64,
         request_timeout: float = 300.0,
         max_context: int | None = None,
+        scheduler: str = "continuous",
+        max_cache_len: int | None = None,
+        max_prefill_tokens: int = 8192,
+        seed: int | None = None,
+        compile: bool | None = None,
     ):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, not {scheduler!r}")
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -377,12 +404,42 @@ class Engine:
         pad = model.generation_config.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.tokenizer.pad_token_id or (eos[0] if eos else 0))
         self.stop_strings = list(getattr(processor, "stop_strings", []) or [])
+        self.max_prefill_tokens = max_prefill_tokens
+        self.cache_limited = False
+        self.slots: SlotDecoder | None = None
+        if scheduler == "continuous":
+            try:
+                self.slots = self._build_slots(max_cache_len, compile, seed)
+            except UnsupportedModel as err:
+                logger.warning("continuous batching is not available for this model (%s): using --engine window", err)
+                scheduler = "window"
+        self.scheduler = scheduler
         self.stats = EngineStats()
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._lock = threading.Condition()
         self._active: set[int] = set()  # ids of requests in the running batch that have not ended
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    def _build_slots(self, max_cache_len: int | None, compile: bool | None, seed: int | None) -> SlotDecoder:
+        length = max_cache_len or min(self.max_context, DEFAULT_MAX_CACHE_LEN)
+        check_supported(self.model, length)
+        device = next(self.model.parameters()).device
+        if max_cache_len is None and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            fits = int(0.5 * free) // kv_bytes_per_token(self.model, self.max_batch_size)
+            if fits < length:
+                length = max(256, fits // 256 * 256)
+                logger.warning(
+                    "KV cache limited to %d tokens per request by GPU memory (%d slots); see --max-cache-len and "
+                    "--max-batch-size",
+                    length,
+                    self.max_batch_size,
+                )
+        if length < self.max_context:
+            self.max_context = length
+            self.cache_limited = True
+        return SlotDecoder(self.model, self.max_batch_size, length, compile=compile, seed=seed)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -415,6 +472,7 @@ class Engine:
                 "running": len(self._active),
                 "max_batch_size": self.max_batch_size,
                 "max_queue": self.max_queue,
+                "scheduler": self.scheduler,
                 **{k: v for k, v in vars(self.stats).items() if k != "extra"},
             }
 
@@ -444,8 +502,13 @@ class Engine:
             raise InvalidRequest("max_tokens must be at least 1.")
         total = len(prepared.input_ids) + params.max_new_tokens
         if total > self.max_context:
+            limit = (
+                f"This server's context per request is {self.max_context} tokens (its KV cache, --max-cache-len)"
+                if self.cache_limited
+                else f"This model's maximum context length is {self.max_context} tokens"
+            )
             raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.max_context} tokens; the request needs "
+                f"{limit}; the request needs "
                 f"{len(prepared.input_ids)} prompt tokens + {params.max_new_tokens} max_tokens = {total}. "
                 "Reduce the length of the messages, the number of images or max_tokens."
             )
@@ -506,6 +569,12 @@ class Engine:
             return batch
 
     def _worker(self) -> None:
+        if self.scheduler == "continuous":
+            self._continuous_worker()
+        else:
+            self._window_worker()
+
+    def _window_worker(self) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -594,3 +663,136 @@ class Engine:
                     decoder.done = True
                 else:
                     on_row_done(decoder, decoder._finish("length"))
+
+    # -- continuous scheduler ---------------------------------------------------------------------------------------
+    def _admit(self, free: int, busy: bool) -> list[RequestHandle] | None:
+        """Takes up to `free` waiting requests (None when stopping). Blocks while the engine is idle; an idle engine
+        waits `batch_window` after the first arrival so that a burst shares one prefill."""
+        with self._lock:
+            if not busy:
+                while not self._pending and not self._stopping:
+                    self._lock.wait()
+            if self._stopping:
+                return None
+            if not free or not self._pending:
+                return []
+            if not busy:
+                first_arrival = self._pending[0].submitted
+                while len(self._pending) < free and not self._stopping:
+                    remaining = first_arrival + self.batch_window - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._lock.wait(remaining)
+                if self._stopping:
+                    return None
+            taken: list[RequestHandle] = []
+            width = 0
+            while self._pending and len(taken) < free:
+                width = max(width, len(self._pending[0].prepared.input_ids))
+                if taken and width * (len(taken) + 1) > self.max_prefill_tokens:
+                    break
+                taken.append(self._pending.popleft())
+            self._active.update(h.id for h in taken)
+            return taken
+
+    def _continuous_worker(self) -> None:
+        slots = self.slots
+        if slots.compiled:
+            try:
+                slots.warm_up()
+            except Exception:  # a compiler failure must not take the server down: decode eagerly instead
+                logger.exception("compiling the decode step failed; decoding without compile")
+                slots._step = slots._forward
+                slots.compiled = False
+        free = list(range(self.max_batch_size - 1, -1, -1))  # a stack: the lowest free slot is reused first
+        running: dict[int, _RowDecoder] = {}
+        while True:
+            joining = self._admit(len(free), bool(running))
+            if joining is None:
+                for decoder in running.values():
+                    decoder.handle._push(Failed(Overloaded("The server is shutting down.")))
+                return
+            now = time.monotonic()
+            live = []
+            for handle in joining:
+                if handle.cancelled.is_set():
+                    continue
+                if now > handle.deadline:
+                    self.stats.timed_out += 1
+                    handle._push(Failed(RequestTimeout("The request timed out while queued.")))
+                    self._end(handle)
+                    continue
+                live.append(handle)
+            if live:
+                assigned = [(free.pop(), handle) for handle in live]
+                try:
+                    self._join(assigned, running, free)
+                except Exception as err:  # the worker must survive anything a prefill does
+                    logger.exception("prefill failed for %d requests", len(assigned))
+                    self._fail([(slot, running.pop(slot, None) or handle) for slot, handle in assigned], err, free)
+            if running:
+                try:
+                    tokens = slots.step().tolist()
+                except Exception as err:
+                    logger.exception("decoding step failed for %d requests", len(running))
+                    self._fail(list(running.items()), err, free)
+                    running.clear()
+                    continue
+                self.stats.extra["steps"] = self.stats.extra.get("steps", 0) + 1
+                for slot, decoder in list(running.items()):
+                    self._feed(slot, decoder, tokens[slot], running, free)
+
+    def _join(self, assigned: list[tuple[int, RequestHandle]], running: dict, free: list[int]) -> None:
+        slots = self.slots
+        for slot, handle in assigned:
+            slots.set_sampling(slot, handle.params.temperature, handle.params.top_p)
+        rows = [(slot, h.prepared.input_ids, h.prepared.pixel_values) for slot, h in assigned]
+        logits = slots.prefill(rows, self.pad_token_id)
+        first = slots.sample(logits, [slot for slot, _ in assigned])
+        slots.join([slot for slot, _ in assigned], first)
+        self.stats.batches += 1
+        self.stats.batched_rows += len(assigned)
+        for slot, handle in assigned:
+            running[slot] = _RowDecoder(
+                handle, self.tokenizer, self.eos_ids, self.stop_strings + list(handle.params.stop)
+            )
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(running))
+        for (slot, _), token in zip(assigned, first.tolist()):
+            self._feed(slot, running[slot], token, running, free)
+
+    def _feed(self, slot: int, decoder: _RowDecoder, token: int, running: dict, free: list[int]) -> None:
+        """One new token for the request in `slot`; frees the slot when the request ended (as `_BatchCriteria`)."""
+        handle = decoder.handle
+        if handle.cancelled.is_set():
+            reason = "cancelled"
+        elif time.monotonic() > handle.deadline:
+            handle._push(Failed(RequestTimeout("The request timed out during generation.")))
+            self.stats.timed_out += 1
+            reason = "timeout"
+        else:
+            reason = decoder.add(token)
+            if reason is None:
+                return
+            self.stats.completed += 1
+            self.stats.completion_tokens += len(decoder.tokens)
+        decoder.done = True
+        del running[slot]
+        self.slots.release(slot)
+        free.append(slot)
+        self._end(handle)
+        logger.debug("request %d left slot %d (%s)", handle.id, slot, reason)
+
+    def _end(self, handle: RequestHandle) -> None:
+        with self._lock:
+            self._active.discard(handle.id)
+
+    def _fail(self, rows: list[tuple[int, object]], err: Exception, free: list[int]) -> None:
+        for slot, item in rows:
+            handle = item.handle if isinstance(item, _RowDecoder) else item
+            if not handle.ended:
+                self.stats.failed += 1
+                handle._push(Failed(EngineError(f"Generation failed: {type(err).__name__}: {err}")))
+            self.slots.release(slot)
+            if slot not in free:
+                free.append(slot)
+            self._end(handle)

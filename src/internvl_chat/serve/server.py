@@ -899,8 +899,24 @@ async def _sse(handle, completion_id: str, created: int, model: str, include_usa
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("batching")
-    group.add_argument("--max-batch-size", type=int, default=16, help="most requests in one generate call")
+    group.add_argument(
+        "--engine",
+        choices=["continuous", "window"],
+        default="continuous",
+        help="continuous: requests join and leave a static-cache batch between decoding steps; window: one generate "
+        "call per batch (requests arriving meanwhile wait)",
+    )
+    group.add_argument("--max-batch-size", type=int, default=16, help="most requests decoding at once")
     group.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long for a batch to fill")
+    group.add_argument(
+        "--max-cache-len",
+        type=int,
+        help="continuous engine: KV cache tokens per request, prompt + max_tokens (default: the model's context, at "
+        "most 4096, and on a GPU what fits in half of the free memory)",
+    )
+    group.add_argument(
+        "--max-prefill-tokens", type=int, default=8192, help="continuous engine: most prompt tokens prefilled per step"
+    )
     group.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get a 503")
     group.add_argument("--request-timeout", type=float, default=300.0, help="seconds until a request fails (504)")
     return parser
@@ -964,6 +980,9 @@ def build_engine(args: argparse.Namespace, model, processor) -> Engine:
         batch_window=args.batch_window_ms / 1000.0,
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
+        scheduler=getattr(args, "engine", "continuous"),
+        max_cache_len=getattr(args, "max_cache_len", None),
+        max_prefill_tokens=getattr(args, "max_prefill_tokens", 8192),
     )
 
 
