@@ -1,0 +1,251 @@
+"""Serving under load: 64 concurrent streams x 128 new tokens through our continuous-batching engine, our old window
+engine (one `generate` call per batch) and transformers' own continuous batching, same process, same weights.
+
+    # GPU (the issue's row; 7B shapes, random weights, bf16):
+    PYTHONPATH=src python3 bench/serve_cb.py --streams 64 --max-tokens 128 --out bench/results/serve_cb.json
+    # CPU smoke test (tiny random model, fp32, seconds):
+    PYTHONPATH=src python3 bench/serve_cb.py --tiny --streams 8 --max-tokens 16
+
+Workload: `--streams` requests arrive at once (one 336x336 random image + a short question each, through our
+processor: 576 image tokens + the chat template), greedy, `--max-tokens` new tokens (random weights almost never emit
+EOS, so answers are full length; the mean is reported), after a warm-up burst. Each engine is measured in process at
+its request interface (no HTTP: the peer has no server), the same way for all three:
+
+- `continuous`: `serve.engine.Engine(scheduler="continuous")`, `max_batch_size=streams` slots, the cache sized to the
+  longest prompt + max tokens (`--max-cache-len` of the server); requests consumed as streams, time to first token =
+  first streamed text.
+- `window`: the same engine with `scheduler="window"` (the previous engine), `max_batch_size=streams`.
+- `transformers_cb`: `generate_batch` (its ContinuousBatchingManager; default config, its own CUDA graphs, flash
+  attention if installed, else sdpa) on a native `LlamaForCausalLM` that shares our model's language-model weights
+  (transformers' continuous batching takes token ids only, so it cannot run our vision tower: it gets the same prompt
+  token ids, image placeholders included, and skips the image encoding, which favours it slightly). Time to first
+  token = its first token's timestamp - the request's creation time.
+
+Tokens/s = generated tokens / (last request finished - first request submitted). Prints and writes one JSON object
+(GPU, versions, command, commit).
+"""
+
+import argparse
+import io
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import environment, write
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizers" / "vicuna-v1.5"
+
+
+def build(preset: str, tiny: bool, dtype: torch.dtype, device: str):
+    """Random model at the preset's shapes (or tiny) built directly on `device`, and its processor."""
+    from internvl_chat.factories import create
+    from internvl_chat.modeling import InternVLChatForConditionalGeneration
+
+    meta_model, processor, counts = create(preset, None, tokenizer=str(TOKENIZER), tiny=tiny)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    torch.manual_seed(0)
+    try:
+        with torch.device(device):
+            model = InternVLChatForConditionalGeneration(meta_model.config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config = meta_model.generation_config
+    return model.eval(), processor
+
+
+def requests(engine, count: int) -> list:
+    prepared = []
+    for i in range(count):
+        rgb = (np.random.default_rng(i).random((336, 336, 3)) * 255).astype("uint8")
+        image = Image.open(io.BytesIO(_png(rgb))).convert("RGB")
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": f"Describe image {i} in detail."}],
+            }
+        ]
+        prepared.append(engine.prepare(messages, [image]))
+    return prepared
+
+
+def _png(rgb) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def summary(ttft: list[float], tokens: list[int], wall: float) -> dict:
+    ttft = sorted(ttft)
+    return {
+        "requests": len(ttft),
+        "tokens_per_s": round(sum(tokens) / wall, 1),
+        "ttft_p50_s": round(statistics.median(ttft), 4),
+        "ttft_p95_s": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 4),
+        "mean_completion_tokens": round(statistics.mean(tokens), 1),
+        "wall_s": round(wall, 3),
+    }
+
+
+def burst(engine, prepared: list, max_tokens: int) -> dict:
+    """All requests submitted at once; one consumer thread per stream."""
+    from internvl_chat.serve.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_tokens)
+    started = time.perf_counter()
+    handles = [engine.submit(item, params) for item in prepared]
+    first: dict[int, float] = {}
+    done: dict[int, float] = {}
+
+    def consume(index, handle):
+        for _ in handle.stream():
+            first.setdefault(index, time.perf_counter())
+        done[index] = time.perf_counter()
+
+    threads = [threading.Thread(target=consume, args=(i, h)) for i, h in enumerate(handles)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = max(done.values()) - started
+    ttft = [first.get(i, done[i]) - started for i in range(len(handles))]
+    return summary(ttft, [h.result.completion_tokens for h in handles], wall)
+
+
+def run_ours(model, processor, prepared, args, scheduler: str) -> dict:
+    from internvl_chat.serve.engine import Engine
+
+    cache_len = max(len(p.input_ids) for p in prepared) + args.max_tokens
+    cache_len = -(-cache_len // 64) * 64
+    engine = Engine(
+        model,
+        processor,
+        max_batch_size=args.streams,
+        batch_window=args.batch_window_ms / 1000,
+        max_queue=len(prepared) + 8,
+        request_timeout=3600,
+        scheduler=scheduler,
+        max_cache_len=cache_len if scheduler == "continuous" else None,
+        max_prefill_tokens=args.max_prefill_tokens,
+    ).start()
+    try:
+        started = time.perf_counter()
+        burst(engine, prepared, min(8, args.max_tokens))  # warm-up: compile, CUDA graphs, allocator
+        warm = time.perf_counter() - started
+        result = burst(engine, prepared, args.max_tokens)
+        status = engine.status()
+    finally:
+        engine.stop()
+    result["warm_up_s"] = round(warm, 2)
+    result["engine"] = {k: status[k] for k in ("scheduler", "batches", "batched_rows", "max_batch_seen")}
+    if scheduler == "continuous":
+        result["engine"].update(
+            max_cache_len=cache_len, compiled=engine.slots.compiled, max_prefill_tokens=args.max_prefill_tokens
+        )
+    print(f"{scheduler:<16} {result['tokens_per_s']:9.1f} tokens/s  ttft p50 {result['ttft_p50_s']:.3f}s", flush=True)
+    return result
+
+
+def run_transformers_cb(model, prepared, args) -> dict:
+    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+
+    text_config = model.config.get_text_config(decoder=True)
+    with torch.device("meta"):
+        peer = AutoModelForCausalLM.from_config(text_config)
+    # The same modules (no copy): our language model and head inside a native causal-LM wrapper.
+    setattr(peer, peer.base_model_prefix, model.model.language_model)
+    peer.lm_head = model.lm_head
+    peer.eval()
+    eos = model.generation_config.eos_token_id
+    inputs = [p.input_ids for p in prepared]
+
+    def generation_config(n):
+        return GenerationConfig(
+            max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=model.generation_config.pad_token_id
+        )
+
+    cb_config = ContinuousBatchingConfig(max_requests_per_batch=args.streams)
+    started = time.perf_counter()
+    peer.generate_batch(inputs, generation_config(min(8, args.max_tokens)), cb_config, persistent_manager=True)
+    warm = time.perf_counter() - started
+    outputs = peer.generate_batch(
+        inputs, generation_config(args.max_tokens), cb_config, record_timestamps=True, persistent_manager=True
+    )
+    attn = peer.config._attn_implementation
+    peer.destroy_cached_continuous_batching_manager()
+    outputs = list(outputs.values())
+    errors = [o.error for o in outputs if o.error]
+    if errors or len(outputs) != len(inputs):
+        raise RuntimeError(f"transformers CB: {len(outputs)}/{len(inputs)} results, errors {errors[:3]}")
+    start = min(o.created_time for o in outputs)
+    end = max(o.timestamps[-1] for o in outputs)
+    ttft = [o.timestamps[0] - o.created_time for o in outputs]
+    result = summary(ttft, [len(o.generated_tokens) for o in outputs], end - start)
+    result["warm_up_s"] = round(warm, 2)
+    result["attn_implementation"] = attn
+    result["model"] = f"native {type(peer).__name__} sharing our language model's weights (text only)"
+    print(f"{'transformers_cb':<16} {result['tokens_per_s']:9.1f} tokens/s  ttft p50 {result['ttft_p50_s']:.3f}s")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="llava-v1.5-7b")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model on the CPU in fp32 (smoke test)")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--batch-window-ms", type=float, default=10.0)
+    parser.add_argument("--max-prefill-tokens", type=int, default=8192)
+    parser.add_argument("--engines", default="continuous,window,transformers_cb", help="comma-separated subset")
+    parser.add_argument("--out", help="write the JSON here too")
+    args = parser.parse_args()
+
+    import internvl_chat  # noqa: F401
+    from internvl_chat.serve.engine import Engine
+
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model, processor = build(args.preset, args.tiny, dtype, device)
+    prepared = requests(Engine(model, processor, scheduler="window"), args.streams)
+    report = {
+        **environment(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "model": f"{args.preset} ({'tiny, ' if args.tiny else ''}random weights), {dtype}".replace("torch.", ""),
+        "streams": args.streams,
+        "max_tokens": args.max_tokens,
+        "prompt_tokens": len(prepared[0].input_ids),
+        "engines": {},
+    }
+    # transformers' CB may switch the shared language model's attention implementation: it runs last.
+    order = [e for e in ("window", "continuous", "transformers_cb") if e in args.engines.split(",")]
+    for name in order:
+        if name == "transformers_cb":
+            report["engines"][name] = run_transformers_cb(model, prepared, args)
+        else:
+            report["engines"][name] = run_ours(model, processor, prepared, args, name)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    engines = report["engines"]
+    if "continuous" in engines:
+        ours = engines["continuous"]
+        for peer in ("window", "transformers_cb"):
+            if peer in engines:
+                report[f"continuous_vs_{peer}_tokens_per_s"] = round(
+                    ours["tokens_per_s"] / engines[peer]["tokens_per_s"], 2
+                )
+                report[f"continuous_vs_{peer}_ttft_p50"] = round(ours["ttft_p50_s"] / engines[peer]["ttft_p50_s"], 2)
+    import json
+
+    print(json.dumps(report, indent=2))
+    if args.out:
+        write(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
