@@ -122,7 +122,9 @@ def evaluate(
             ranks=ranks,
         )
         stats["wall_seconds"] = time.perf_counter() - start
-    records = store.finish(order)
+        records = store.read() if ranks.is_main else None  # generate_predictions ended with the merge
+    else:
+        records = store.finish(order)  # parts a killed run left, or a finished file to re-score
     if records is None:  # not the main process: its answers are merged; scoring and reports are the main's
         return {}
     preds = {k: r["text"] for k, r in records.items()}
