@@ -1,0 +1,338 @@
+"""lmms-eval adapter `internvl_chat` (internvl_chat.eval.lmms) and the `internvl-chat lmms-eval` launcher, offline on
+a tiny random model and a local parquet task: lmms-eval's real CLI, batch invariance, the same answers as our own
+runner, likelihood scoring on the training-label rule, interleaved images, multi-round requests."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TOKENIZERS
+
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'internvl-chat[lmms]')")
+
+ROOT = Path(__file__).resolve().parents[1]
+POST_PROMPT = "\nAnswer the question using a single word or phrase."
+N_DOCS = 6
+
+
+def _image(seed: int, h: int, w: int = 30) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+def _question(i: int) -> str:
+    return "what is written here" + " please" * (i % 4) + "?"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny LLaVA folder and a local lmms-eval task (parquet via data_files, a utils.py for the visuals)."""
+    import datasets
+
+    from internvl_chat.factories import create
+
+    root = tmp_path_factory.mktemp("lmms")
+    model_dir = root / "llava-tiny"
+    create("llava-v1.5-7b", str(model_dir), tokenizer=str(TOKENIZERS / "vicuna-v1.5"), tiny=True)
+    task_dir = root / "task"
+    task_dir.mkdir()
+    features = datasets.Features(
+        {"image": datasets.Image(), "question": datasets.Value("string"), "answer": datasets.Value("string")}
+    )
+    data = {
+        "image": [_image(i, 20 + 5 * i) for i in range(N_DOCS)],
+        "question": [_question(i) for i in range(N_DOCS)],
+        "answer": ["stop"] * N_DOCS,
+    }
+    datasets.Dataset.from_dict(data, features=features).to_parquet(str(task_dir / "data.parquet"))
+    (task_dir / "utils.py").write_text(
+        textwrap.dedent(
+            f"""
+            def doc_to_visual(doc):
+                return [doc["image"].convert("RGB")]
+
+            def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+                return doc["question"] + {POST_PROMPT!r}
+            """
+        )
+    )
+    (task_dir / "tinyvqa.yaml").write_text(
+        textwrap.dedent(
+            f"""
+            task: tinyvqa
+            dataset_path: parquet
+            dataset_kwargs:
+              data_files:
+                test: {task_dir / "data.parquet"}
+            test_split: test
+            output_type: generate_until
+            doc_to_visual: !function utils.doc_to_visual
+            doc_to_text: !function utils.doc_to_text
+            doc_to_target: answer
+            generation_kwargs:
+              max_new_tokens: 5
+              until:
+                - "ASSISTANT:"
+            metric_list:
+              - metric: exact_match
+                aggregation: mean
+                higher_is_better: true
+            """
+        )
+    )
+    return model_dir, task_dir
+
+
+def _cli_answers(model_dir, task_dir, out, batch_size, launcher=("-m", "internvl_chat.cli", "lmms-eval")):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, *launcher, "--model", "internvl_chat", "--model_args", f"pretrained={model_dir}"]
+    cmd += ["--device", "cpu", "--tasks", "tinyvqa", "--include_path", str(task_dir), "--batch_size", str(batch_size)]
+    cmd += ["--output_path", str(out), "--log_samples"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out.parent, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (samples,) = list(Path(out).rglob("*_samples_tinyvqa.jsonl"))
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    assert "|tinyvqa|" in proc.stdout  # lmms-eval's results table
+    return {r["doc_id"]: r["filtered_resps"] for r in rows}
+
+
+def _runner_answers(model_dir, batch_size=1):
+    """The same questions through `internvl-chat eval`'s runner directly."""
+    import tempfile
+
+    from internvl_chat.eval.runner import generate_predictions, load_model
+    from internvl_chat.eval.tasks import Sample
+
+    model, processor = load_model(str(model_dir), device="cpu")
+    samples = [Sample(id=i, prompt=_question(i) + POST_PROMPT, image=_image(i, 20 + 5 * i)) for i in range(N_DOCS)]
+    with tempfile.TemporaryDirectory() as tmp:
+        texts, _ = generate_predictions(
+            model, processor, samples, Path(tmp) / "p.jsonl", batch_size=batch_size, max_new_tokens=5
+        )
+    return {i: texts[str(i)] for i in range(N_DOCS)}
+
+
+def test_lmms_eval_cli_batch_4_equals_batch_1_and_our_runner(setup, tmp_path):
+    """`internvl-chat lmms-eval` (lmms-eval's own CLI, our adapter registered) on a local parquet task: batch 4
+    gives the answers of batch 1, and both are `internvl-chat eval`'s runner's answers for the same prompts."""
+    model_dir, task_dir = setup
+    four = _cli_answers(model_dir, task_dir, tmp_path / "b4", 4)
+    one = _cli_answers(model_dir, task_dir, tmp_path / "b1", 1)
+    assert sorted(four) == list(range(N_DOCS))
+    assert four == one
+    assert four == _runner_answers(model_dir)
+    assert len(set(four.values())) > 1  # the images matter (a constant answer would hide a dropped image)
+
+
+@pytest.mark.slow
+def test_python_m_launcher_and_lmms_evals_own_entry_point(setup, tmp_path):
+    """`python -m internvl_chat.eval.lmms_cli` and, where the package's entry point is installed, lmms-eval's own
+    `python -m lmms_eval --model internvl_chat` give the same answers."""
+    from importlib.metadata import entry_points
+
+    model_dir, task_dir = setup
+    base = _cli_answers(model_dir, task_dir, tmp_path / "m", 2, launcher=("-m", "internvl_chat.eval.lmms_cli"))
+    assert base == _runner_answers(model_dir)
+    if not [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "internvl_chat"]:
+        pytest.skip("the package's lmms_eval.models entry point is not installed (pip install -e '.[lmms]')")
+    assert _cli_answers(model_dir, task_dir, tmp_path / "own", 3, launcher=("-m", "lmms_eval")) == base
+
+
+# ---- the adapter in-process ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter(setup):
+    from internvl_chat.eval.lmms import InternVLChat
+
+    model_dir, _ = setup
+    lm = InternVLChat(pretrained=str(model_dir), device="cpu", batch_size=2)
+    return lm
+
+
+class _Docs:
+    """lmms-eval's `task_dict[task][split]`: documents by id."""
+
+    def __init__(self, docs):
+        self.docs = docs
+
+    def __getitem__(self, i):
+        return self.docs[i]
+
+
+def _instance(kind, args, doc_id=0):
+    from lmms_eval.api.instance import Instance
+
+    return Instance(request_type=kind, arguments=args, idx=0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
+
+
+def _visual(doc):
+    return doc["images"]
+
+
+def test_generate_until_cuts_at_until_and_matches_runner(adapter, setup):
+    docs = [{"images": [_image(i, 20 + 5 * i)]} for i in range(3)]
+    adapter.task_dict = {"t": {"test": _Docs(docs)}}
+    gen = {"max_new_tokens": 5, "until": ["ASSISTANT:"]}
+    requests = [
+        _instance("generate_until", (_question(i) + POST_PROMPT, dict(gen), _visual, i, "t", "test")) for i in range(3)
+    ]
+    answers = adapter.generate_until(requests)
+    assert answers == [_runner_answers(setup[0])[i] for i in range(3)]
+    # A stop string from the task cuts the answer where it first occurs.
+    word = answers[0].split()[1] if len(answers[0].split()) > 1 else answers[0][1:]
+    cut = adapter.generate_until(
+        [_instance("generate_until", (requests[0].args[0], {**gen, "until": [word]}, _visual, 0, "t", "test"))]
+    )
+    assert cut == [answers[0][: answers[0].index(word)]]
+
+
+def test_interleaved_images_and_task_written_placeholder(adapter):
+    """Several images go where the task's `<image>` placeholders are (one processor call); a single leading
+    `<image>\\n` is the template's own place for the image (same answer as without it)."""
+    import torch
+
+    a, b = _image(1, 30), _image(2, 40)
+    docs = [{"images": [a, b]}, {"images": [a]}, {"images": [a]}]
+    adapter.task_dict = {"t": {"test": _Docs(docs)}}
+    gen = {"max_new_tokens": 4}
+    two = "First <image> then <image> which differs?"
+    got = adapter.generate_until(
+        [
+            _instance("generate_until", (two, dict(gen), _visual, 0, "t", "test")),
+            _instance("generate_until", ("<image>\nwhat is it?", dict(gen), _visual, 1, "t", "test"), 1),
+            _instance("generate_until", ("what is it?", dict(gen), _visual, 2, "t", "test"), 2),
+        ]
+    )
+    assert got[1] == got[2]
+    processor, model = adapter.processor, adapter.model
+    content = [
+        {"type": "text", "text": "First "},
+        {"type": "image"},
+        {"type": "text", "text": " then "},
+        {"type": "image"},
+        {"type": "text", "text": " which differs?"},
+    ]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    assert prompt.count("<image>") == 2
+    inputs = processor(images=[[a, b]], text=[prompt], return_tensors="pt")
+    with torch.inference_mode():
+        new = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    assert got[0] == processor.post_process_image_text_to_text(new)[0]
+    with pytest.raises(ValueError, match="placeholders"):
+        adapter.generate_until(
+            [_instance("generate_until", ("<image> <image> <image>", dict(gen), _visual, 0, "t", "test"))]
+        )
+
+
+def test_loglikelihood_scores_the_supervised_answer_tokens(adapter):
+    """The score is the mean NLL over exactly the tokens training supervises for that answer (the processor's
+    assistant mask: separator, answer, terminator), and `greedy` says whether argmax reproduces them."""
+    import torch
+
+    adapter.task_dict = {"t": {"test": _Docs([{"images": []}])}}
+    context, continuation = "Is the sky blue?", " Yes"
+    ((loss, greedy),) = adapter.loglikelihood(
+        [_instance("loglikelihood", (context, continuation, _visual, 0, "t", "test"))]
+    )
+    processor, model = adapter.processor, adapter.model
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": context}]},
+        {"role": "assistant", "content": [{"type": "text", "text": continuation}]},
+    ]
+    enc = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    ids, mask = enc["input_ids"][0], torch.as_tensor(enc["assistant_masks"][0]).bool()
+    assert mask.sum() >= 2  # answer + terminator
+    with torch.inference_mode():
+        logits = model(input_ids=enc["input_ids"]).logits[0].float()
+    positions = mask.nonzero()[:, 0]
+    logprobs = torch.log_softmax(logits[positions - 1], -1).gather(-1, ids[positions][:, None])[:, 0]
+    assert loss == pytest.approx(float(-logprobs.mean()), rel=1e-5)
+    assert greedy == bool((logits[positions - 1].argmax(-1) == ids[positions]).all())
+
+
+def test_loglikelihood_sees_the_image(adapter):
+    adapter.task_dict = {"t": {"test": _Docs([{"images": [_image(3, 28)]}, {"images": [_image(4, 44)]}])}}
+    results = adapter.loglikelihood(
+        [
+            _instance("loglikelihood", ("Name it.", " cat", _visual, 0, "t", "test")),
+            _instance("loglikelihood", ("Name it.", " dog house", _visual, 0, "t", "test")),
+            _instance("loglikelihood", ("Name it.", " cat", _visual, 1, "t", "test"), 1),
+        ]
+    )
+    assert all(isinstance(loss, float) and loss > 0 and isinstance(g, bool) for loss, g in results)
+    assert results[0][0] != results[1][0] and results[0][0] != results[2][0]
+
+
+def test_multi_round_feeds_each_rounds_answer_back(adapter):
+    docs = [{"images": [_image(5, 30)]}, {"images": [_image(6, 30)]}]
+    adapter.task_dict = {"t": {"test": _Docs(docs)}}
+    seen = []
+
+    def doc_to_text(doc, previous_output=None, round_idx=None, previous_round_info=None):
+        seen.append((round_idx, list(previous_output), previous_round_info))
+        if round_idx == 2:
+            return None, None, True, list(previous_output), None
+        return None, f"And then, after {previous_output[-1]!r}?", False, None, {"round": round_idx}
+
+    requests = [
+        _instance(
+            "generate_until_multi_round",
+            ("What is it?", {"max_new_tokens": 3}, _visual, doc_to_text, i, "t", "test"),
+            i,
+        )
+        for i in range(2)
+    ]
+    results = adapter.generate_until_multi_round(requests)
+    assert [len(r) for r in results] == [2, 2]
+    first = adapter.generate_until(
+        [_instance("generate_until", ("What is it?", {"max_new_tokens": 3}, _visual, 0, "t", "test"))]
+    )
+    assert results[0][0] == first[0]
+    assert [s[0] for s in seen] == [1, 1, 2, 2]
+    assert seen[2][2] == {"round": 1}
+
+
+def test_bad_model_args_and_visuals(setup, adapter):
+    from internvl_chat.eval.lmms import InternVLChat
+
+    with pytest.raises(ValueError, match="unknown --model_args conv_template"):
+        InternVLChat(pretrained=str(setup[0]), conv_template="vicuna_v1")
+    with pytest.raises(ValueError, match="batch_size"):
+        InternVLChat(pretrained=str(setup[0]), batch_size="auto")
+    adapter.task_dict = {"t": {"test": _Docs([{"images": ["clip.mp4"]}])}}
+    with pytest.raises(ValueError, match="images only"):
+        adapter.generate_until([_instance("generate_until", ("q", {}, _visual, 0, "t", "test"))])
+
+
+def test_launcher_registers_the_adapter_and_help_is_light():
+    code = (
+        "import sys; sys.argv = ['internvl-chat']\n"
+        "from internvl_chat.cli import main\n"
+        "try:\n"
+        "    main(['lmms-eval', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print([m for m in ('torch', 'transformers', 'lmms_eval') if m in sys.modules])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: internvl-chat lmms-eval" in proc.stdout and "--lmms-help" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+    from lmms_eval.models import get_model
+
+    from internvl_chat.eval.lmms import InternVLChat
+    from internvl_chat.eval.lmms_cli import register
+
+    register()
+    assert get_model("internvl_chat") is InternVLChat
