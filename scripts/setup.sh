@@ -14,6 +14,8 @@ if ! python -c "import torch, torchvision" 2>/dev/null; then
   python -m pip install -q torch==2.14.1 torchvision==0.29.1 || python -m pip install -q "torch>=2.6" torchvision
 fi
 python -m pip install -q -e ".[dev]"
+# lmms-eval next to us (the `internvl-chat lmms-eval` adapter tests; they skip where it does not install).
+python -m pip install -q -e ".[lmms]" || echo "lmms-eval install failed: the lmms-eval adapter tests will skip"
 # Headless Chromium for the web-UI test (Debian package; skipped where apt is not available, we are not root, or
 # SKIP_CHROMIUM=1; without it the web-UI browser test skips).
 if [ "${SKIP_CHROMIUM:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
