@@ -190,9 +190,22 @@ def _env(**extra) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
-def _launch(nproc: int, args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(nproc: int, args: list[str], cwd: Path, launcher: str = "torchrun", **env) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, "-m", "internvl_chat.cli", *args]
+    elif launcher == "accelerate":
+        run = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc)]
+        run += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        run += ["--main_process_port", str(_free_port())]
+        cmd = [*run, "-m", "internvl_chat.cli", *args]
     else:
         run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
         cmd = [*run, "-m", "internvl_chat.cli", *args]
@@ -247,6 +260,9 @@ def test_eval_two_processes_and_resumes_give_the_single_process_bytes(model_dir,
     same_as_single("two")
     speed = json.loads((tmp_path / "two" / "textvqa" / "speed.json").read_text())
     assert speed["world_size"] == 2 and [s["questions"] for s in speed["per_rank"]] == [5, 5]
+    _ok(_launch(2, args("accelerate"), tmp_path, launcher="accelerate"))  # the other launcher training uses
+    same_as_single("accelerate")
+    assert json.loads((tmp_path / "accelerate" / "textvqa" / "speed.json").read_text())["world_size"] == 2
 
     # Killed after the first batch of each process (3 answers each), resumed with 2 processes.
     preds = tmp_path / "kill2" / "textvqa" / "predictions.jsonl"
