@@ -145,6 +145,46 @@ def test_python_m_launcher_and_lmms_evals_own_entry_point(setup, tmp_path):
     assert _cli_answers(model_dir, task_dir, tmp_path / "own", 3, launcher=("-m", "lmms_eval")) == base
 
 
+@pytest.mark.slow
+def test_lmms_eval_openai_model_against_our_server(setup, tmp_path):
+    """lmms-eval's `--model openai` against `internvl-chat serve`: the same answers as the in-process adapter."""
+    import socket
+    import time
+    import urllib.request
+
+    model_dir, task_dir = setup
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OPENAI_API_KEY": "none"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(model_dir), "--port", str(port)]
+        + ["--device", "cpu"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        out = tmp_path / "openai"
+        cmd = [sys.executable, "-m", "lmms_eval", "--model", "openai", "--model_args"]
+        cmd += [f"model={model_dir.name},base_url=http://127.0.0.1:{port}/v1,api_key=none", "--tasks", "tinyvqa"]
+        cmd += ["--include_path", str(task_dir), "--output_path", str(out), "--log_samples"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    (samples,) = list(out.rglob("*_samples_tinyvqa.jsonl"))
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    assert {r["doc_id"]: r["filtered_resps"] for r in rows} == _runner_answers(model_dir)
+
+
 # ---- the adapter in-process ------------------------------------------------------------------------------------
 
 
