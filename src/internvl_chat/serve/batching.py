@@ -69,6 +69,19 @@ def kv_bytes_per_token(model, slots: int = 1) -> int:
     return 2 * config.num_hidden_layers * heads * head_dim * element * slots
 
 
+class StepResult:
+    """The next token of every slot from one step; `tolist()` waits for the step to finish."""
+
+    def __init__(self, tokens: torch.Tensor, event):
+        self.tokens = tokens
+        self.event = event
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tokens.tolist()
+
+
 class SlotDecoder:
     """`slots` requests decoding together on one static cache of `max_cache_len` columns; see the module docstring."""
 
@@ -117,6 +130,10 @@ class SlotDecoder:
         self.do_sample = torch.zeros(slots, dtype=torch.bool, device=device)
         self.sampling_slots: set[int] = set()
         self.generator = None
+        # Two pinned host buffers for the tokens of the step in flight and of the one being read.
+        pinned = device.type == "cuda"
+        self._host_buffers = [torch.empty(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._host_index = 0
         if seed is not None:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(seed)
@@ -158,6 +175,19 @@ class SlotDecoder:
         self.positions += self.occupied
         self.tokens.copy_(next_tokens[:, None])
         return next_tokens
+
+    def step_async(self) -> StepResult:
+        """`step`, with the tokens' copy to the host started but not awaited: the caller can do host work (streaming
+        the previous step's text) while the GPU runs this step."""
+        tokens = self.step()
+        if tokens.device.type != "cuda":
+            return StepResult(tokens, None)
+        host = self._host_buffers[self._host_index]
+        self._host_index ^= 1
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return StepResult(host, event)
 
     def warm_up(self, steps: int = 3) -> None:
         """Compiles and records the step graph (all slots free) so the first request does not pay for it."""
@@ -227,27 +257,24 @@ class SlotDecoder:
             use_cache=True,
             logits_to_keep=1,
         )
-        # Flat (row, token) → (slot, column) index pairs for the real (unpadded) tokens of every prompt.
-        src_rows, src_tokens, dst_slots, dst_columns = [], [], [], []
-        for row, (slot, row_ids, _) in enumerate(rows):
-            length = len(row_ids)
-            src_rows += [row] * length
-            src_tokens += range(width - length, width)
-            dst_slots += [slot] * length
-            dst_columns += [(self.column - length + j) % self.length for j in range(length)]
+        # Flat (row, token) → (slot, column) index pairs for the real (unpadded) tokens of every prompt, built on the
+        # device: token t of a row (left-padded to `width`) goes to column (column - width + t) mod L of its slot.
+        src_rows, src_tokens = attention.bool().nonzero(as_tuple=True)
+        slots = torch.tensor([slot for slot, _, _ in rows], device=self.device)
+        dst_slots = slots[src_rows]
+        dst_columns = (src_tokens + (self.column - width)) % self.length
+        indices = {}
         for layer, static in zip(cache.layers, self.cache.layers):
             device = static.keys.device
-            src = (torch.tensor(src_rows, device=device), torch.tensor(src_tokens, device=device))
-            dst = (torch.tensor(dst_slots, device=device), torch.tensor(dst_columns, device=device))
+            if device not in indices:
+                indices[device] = [t.to(device) for t in (src_rows, src_tokens, dst_slots, dst_columns)]
+            rows_i, tokens_i, slots_i, columns_i = indices[device]
             # keys (b, H, T, D)[rows, :, tokens] → (N, H, D) into (S, H, L, D)[slots, :, columns]
-            static.keys[dst[0], :, dst[1]] = layer.keys.to(device)[src[0], :, src[1]]
-            static.values[dst[0], :, dst[1]] = layer.values.to(device)[src[0], :, src[1]]
-        slots = torch.tensor([slot for slot, _, _ in rows], device=self.device)
+            static.keys[slots_i, :, columns_i] = layer.keys.to(device)[rows_i, :, tokens_i]
+            static.values[slots_i, :, columns_i] = layer.values.to(device)[rows_i, :, tokens_i]
         self.mask[slots] = False
-        self.mask[torch.tensor(dst_slots, device=self.device), 0, 0, torch.tensor(dst_columns, device=self.device)] = (
-            True
-        )
-        self.positions[slots, 0] = torch.tensor([len(r) for _, r, _ in rows], device=self.device)
+        self.mask[dst_slots, 0, 0, dst_columns] = True
+        self.positions[slots, 0] = attention.sum(-1)
         return out.logits[:, -1]
 
     def join(self, slots: list[int], first_tokens: torch.Tensor) -> None:

@@ -706,8 +706,11 @@ class Engine:
                 slots.compiled = False
         free = list(range(self.max_batch_size - 1, -1, -1))  # a stack: the lowest free slot is reused first
         running: dict[int, _RowDecoder] = {}
+        # The step in flight and the requests it decodes for. Its tokens are read (and streamed) after the next step
+        # was launched, so the host's work overlaps the GPU's; a request that ended meanwhile ignores its extra token.
+        in_flight = None
         while True:
-            joining = self._admit(len(free), bool(running))
+            joining = self._admit(len(free), bool(running) or in_flight is not None)
             if joining is None:
                 for decoder in running.values():
                     decoder.handle._push(Failed(Overloaded("The server is shutting down.")))
@@ -730,17 +733,23 @@ class Engine:
                 except Exception as err:  # the worker must survive anything a prefill does
                     logger.exception("prefill failed for %d requests", len(assigned))
                     self._fail([(slot, running.pop(slot, None) or handle) for slot, handle in assigned], err, free)
-            if running:
-                try:
-                    tokens = slots.step().tolist()
-                except Exception as err:
-                    logger.exception("decoding step failed for %d requests", len(running))
-                    self._fail(list(running.items()), err, free)
-                    running.clear()
-                    continue
-                self.stats.extra["steps"] = self.stats.extra.get("steps", 0) + 1
-                for slot, decoder in list(running.items()):
-                    self._feed(slot, decoder, tokens[slot], running, free)
+            launched = None
+            try:
+                if running:
+                    launched = (slots.step_async(), list(running.items()))
+                    self.stats.extra["steps"] = self.stats.extra.get("steps", 0) + 1
+                if in_flight is not None:
+                    result, rows = in_flight
+                    tokens = result.tolist()
+                    for slot, decoder in rows:
+                        if running.get(slot) is decoder:  # still decoding (not ended at the step before)
+                            self._feed(slot, decoder, tokens[slot], running, free)
+            except Exception as err:
+                logger.exception("decoding step failed for %d requests", len(running))
+                self._fail(list(running.items()), err, free)
+                running.clear()
+                launched = None
+            in_flight = launched
 
     def _join(self, assigned: list[tuple[int, RequestHandle]], running: dict, free: list[int]) -> None:
         slots = self.slots
