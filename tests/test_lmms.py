@@ -90,17 +90,29 @@ def setup(tmp_path_factory):
     return model_dir, task_dir
 
 
-def _cli_answers(model_dir, task_dir, out, batch_size, launcher=("-m", "internvl_chat.cli", "lmms-eval")):
+def _cli_start(model_dir, task_dir, out, batch_size, launcher=("-m", "internvl_chat.cli", "lmms-eval")):
+    """Starts one lmms-eval command line run (a subprocess) on the local task."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, *launcher, "--model", "internvl_chat", "--model_args", f"pretrained={model_dir}"]
     cmd += ["--device", "cpu", "--tasks", "tinyvqa", "--include_path", str(task_dir), "--batch_size", str(batch_size)]
     cmd += ["--output_path", str(out), "--log_samples"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out.parent, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out.mkdir(parents=True, exist_ok=True)
+    return out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out, env=env)
+
+
+def _cli_finish(run):
+    """{doc_id: answer} of a finished run, from lmms-eval's samples file."""
+    out, proc = run
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "|tinyvqa|" in stdout  # lmms-eval's results table
     (samples,) = list(Path(out).rglob("*_samples_tinyvqa.jsonl"))
     rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
-    assert "|tinyvqa|" in proc.stdout  # lmms-eval's results table
     return {r["doc_id"]: r["filtered_resps"] for r in rows}
+
+
+def _cli_answers(*args, **kwargs):
+    return _cli_finish(_cli_start(*args, **kwargs))
 
 
 def _runner_answers(model_dir, batch_size=1):
@@ -123,8 +135,9 @@ def test_lmms_eval_cli_batch_4_equals_batch_1_and_our_runner(setup, tmp_path):
     """`internvl-chat lmms-eval` (lmms-eval's own CLI, our adapter registered) on a local parquet task: batch 4
     gives the answers of batch 1, and both are `internvl-chat eval`'s runner's answers for the same prompts."""
     model_dir, task_dir = setup
-    four = _cli_answers(model_dir, task_dir, tmp_path / "b4", 4)
-    one = _cli_answers(model_dir, task_dir, tmp_path / "b1", 1)
+    # Both runs at once (each is mostly single-threaded start-up).
+    runs = [_cli_start(model_dir, task_dir, tmp_path / f"b{b}", b) for b in (4, 1)]
+    four, one = [_cli_finish(run) for run in runs]
     assert sorted(four) == list(range(N_DOCS))
     assert four == one
     assert four == _runner_answers(model_dir)
