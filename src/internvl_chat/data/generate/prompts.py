@@ -39,17 +39,17 @@ class Prompts:
     sources: dict[str, str]
     files: dict[str, str] = field(default_factory=dict)  # source (or "system") -> path
 
-    def user(self, source: str, **values: object) -> str:
-        """The user prompt for ``source`` with its placeholders filled (a missing value renders as ``(none)``)."""
-        if source not in self.sources:
-            raise ValueError(f"no {self.step} prompt for source {source!r} (known: {', '.join(sorted(self.sources))})")
+    def user(self, name: str, /, **values: object) -> str:
+        """The user prompt of source ``name`` with its placeholders filled (a missing value renders as ``(none)``)."""
+        if name not in self.sources:
+            raise ValueError(f"no {self.step} prompt for source {name!r} (known: {', '.join(sorted(self.sources))})")
 
         def fill(match: re.Match) -> str:
             value = values.get(match.group(1))
             text = "" if value is None else str(value).strip()
             return text or "(none)"
 
-        return _PLACEHOLDER.sub(fill, self.sources[source])
+        return _PLACEHOLDER.sub(fill, self.sources[name])
 
 
 def _read(path: Path) -> str:

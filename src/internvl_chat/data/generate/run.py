@@ -175,12 +175,12 @@ def load_items(cfg: GenerateConfig, sources: set[str]) -> tuple[list[Item], Coun
         if rid is None:
             rid = content or hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:ID_HEX]
         rid = str(rid)
-        if rid in seen_ids:
-            duplicates["duplicate_id"] += 1
-            continue
         if content is not None and content in seen_images:
             duplicates["duplicate_image"] += 1
             logger.info("record %s: same image as record %s, skipped", rid, seen_images[content])
+            continue
+        if rid in seen_ids:
+            duplicates["duplicate_id"] += 1
             continue
         seen_ids.add(rid)
         if content is not None:
@@ -235,18 +235,13 @@ class Worker:
             raw = f.read()
         return load_image(raw, name=item.image), raw
 
-    def _ocr_text(self, item: Item, image: Any) -> str | None:
+    def _ocr_field(self, item: Item) -> str | None:
         from .ocr import ocr_from_field
 
         try:
-            text = ocr_from_field(item.record.get(self.cfg.ocr_field))
+            return ocr_from_field(item.record.get(self.cfg.ocr_field))
         except ValueError as err:
             raise _failed("bad_ocr_field", str(err)) from None
-        if text is None and self.ocr is not None:
-            if image is None:
-                image, _ = self._image(item)
-            text = self.ocr(image)
-        return text
 
     def messages(self, item: Item, values: dict[str, Any], image_url: str | None, tokens: int = 765) -> list[dict]:
         prompt = self.prompts.user(item.source, source=item.source, num_qa=self.cfg.num_qa, **values)
@@ -292,21 +287,24 @@ class Worker:
         return entry
 
     def _process(self, item: Item, usage: Any) -> tuple[dict[str, Any], Counter]:
-        from ..images import ImageLoadError
         from .api import ask_structured, image_data_url, image_tokens
         from .checks import parse_caption, parse_qa
 
         cfg = self.cfg
         image, image_url, tokens = None, None, 765
-        try:
-            if cfg.sends_image() or (self.ocr is not None and cfg.step != "captions"):
+        ocr = None if cfg.step == "captions" else self._ocr_field(item)
+        if cfg.sends_image() or (ocr is None and self.ocr is not None and cfg.step != "captions"):
+            from ..images import ImageLoadError  # torch: only where an image is opened
+
+            try:
                 image, raw = self._image(item)
                 if cfg.sends_image():
                     image_url = image_data_url(image, raw)
                     tokens = image_tokens(*image.size, cfg.image_detail)
-            ocr = None if cfg.step == "captions" else self._ocr_text(item, image)
-        except (ImageLoadError, OSError) as err:
-            raise _failed("image_error", str(err)) from None
+                if ocr is None and self.ocr is not None and cfg.step != "captions":
+                    ocr = self.ocr(image)
+            except (ImageLoadError, OSError) as err:
+                raise _failed("image_error", str(err)) from None
         values = self.prompt_values(item, ocr)
         messages = self.messages(item, values, image_url, tokens)
         out = {"id": item.id}
