@@ -326,6 +326,21 @@ def test_loglikelihood_sees_the_image(adapter):
     assert results[0][0] != results[1][0] and results[0][0] != results[2][0]
 
 
+def test_image_paths_and_unconditional_choice_requests(adapter, tmp_path):
+    """A visual given as an image path reads like the image itself; lmms-eval's two-argument (context-free)
+    likelihood requests of acc_mutual_info tasks score too."""
+    image = _image(7, 33)
+    image.save(tmp_path / "a.png")
+    adapter.task_dict = {"t": {"test": _Docs([{"images": [str(tmp_path / "a.png")]}, {"images": [image]}])}}
+    gen = {"max_new_tokens": 4}
+    by_path, by_image = adapter.generate_until(
+        [_instance("generate_until", ("What is it?", dict(gen), _visual, d, "t", "test"), d) for d in (0, 1)]
+    )
+    assert by_path == by_image
+    ((loss, greedy),) = adapter.loglikelihood([_instance("loglikelihood", ("", " cat"))])
+    assert loss > 0 and isinstance(greedy, bool)
+
+
 def test_multi_round_feeds_each_rounds_answer_back(adapter):
     docs = [{"images": [_image(5, 30)]}, {"images": [_image(6, 30)]}]
     adapter.task_dict = {"t": {"test": _Docs(docs)}}

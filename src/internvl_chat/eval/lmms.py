@@ -48,6 +48,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.api.registry import register_model
 from PIL import Image
 
+from ..data.images import load_image
 from ..data.sharding import Ranks
 from ..modeling import IMAGE_TOKEN
 from .runner import generate_predictions
@@ -57,6 +58,10 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "internvl_chat"
 DEFAULT_MAX_NEW_TOKENS = 1024
+# A task's visual given as a path: an image when it ends like one (anything else, e.g. a video path, is refused).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# A multi-round task whose doc_to_text never signals the end would loop forever.
+MAX_ROUNDS = 100
 
 
 def _images(visuals, task: str) -> list:
@@ -71,6 +76,8 @@ def _images(visuals, task: str) -> list:
             stack[:0] = list(item)
         elif isinstance(item, Image.Image):
             out.append(item)
+        elif isinstance(item, (str, Path)) and Path(item).suffix.lower() in IMAGE_SUFFIXES:
+            out.append(load_image(str(item)))
         else:
             raise ValueError(
                 f"internvl_chat: task {task!r} gives a {type(item).__name__} visual ({str(item)[:80]!r}); "
@@ -275,7 +282,8 @@ class InternVLChat(lmms):
         for start in range(0, len(order), self.batch_size_per_gpu):
             batch = order[start : start + self.batch_size_per_gpu]
             inputs = self.processor(
-                images=[[im.convert("RGB") for im in images[i]] for i in batch],
+                # The image processor applies the model's RGB / alpha rule.
+                images=[list(images[i]) for i in batch],
                 text=[prompts[i] for i in batch],
                 padding=True,
                 padding_side="left",
@@ -307,7 +315,7 @@ class InternVLChat(lmms):
             groups.setdefault(f"{req.args[4]}\0{key}", []).append(n)
         results: list[str | None] = [None] * len(requests)
         for members in groups.values():
-            context0, gen_kwargs, _, _, task, _ = requests[members[0]].args
+            _, gen_kwargs, _, _, task, _ = requests[members[0]].args
             gen_kwargs = dict(gen_kwargs or {})
             until = _until(gen_kwargs)
             items = []
@@ -345,6 +353,8 @@ class InternVLChat(lmms):
                 for n, text in zip(members, texts):
                     state[n]["outputs"].append(_cut(text, _until(gen)).strip())
             round_idx += 1
+            if round_idx > MAX_ROUNDS:
+                raise ValueError(f"internvl_chat: a multi-round task ran {MAX_ROUNDS} rounds without ending.")
             still = []
             for n in active:
                 s = state[n]
@@ -366,11 +376,15 @@ class InternVLChat(lmms):
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         out = []
         for req in requests:
-            context, continuation, doc_to_visual, doc_id, task, split = req.args
-            doc = self.task_dict[task][split][doc_id]
-            if not isinstance(continuation, str):
-                continuation = continuation(doc)
-            images = _images(doc_to_visual(doc), task) if doc_to_visual is not None else []
+            if len(req.args) == 2:
+                # lmms-eval's unconditional choice requests (acc_mutual_info): no context, no image.
+                (context, continuation), images = req.args, []
+            else:
+                context, continuation, doc_to_visual, doc_id, task, split = req.args
+                doc = self.task_dict[task][split][doc_id]
+                if not isinstance(continuation, str):
+                    continuation = continuation(doc)
+                images = _images(doc_to_visual(doc), task) if doc_to_visual is not None else []
             out.append(self._score(context, str(continuation), images))
         return out
 
@@ -385,8 +399,7 @@ class InternVLChat(lmms):
             full = render_chat(full_messages, self.template, add_generation_prompt=False)
         else:
             full = self.processor.apply_chat_template(full_messages, tokenize=False)
-        rgb = [im.convert("RGB") for im in images]
-        inputs = self.processor(images=[rgb] if rgb else None, text=[full], return_tensors="pt")
+        inputs = self.processor(images=[list(images)] if images else None, text=[full], return_tensors="pt")
         prompt_ids = self.processor.encode_text([prompt])["input_ids"][0]
         ids = inputs["input_ids"][0].tolist()
         # The prompt's tokens are the conversation's first tokens (the separator before the answer is an answer
