@@ -735,7 +735,9 @@ class Engine:
                     self._fail([(slot, running.pop(slot, None) or handle) for slot, handle in assigned], err, free)
             launched = None
             try:
-                if running:
+                # Prefill first: while requests still wait for free slots (a burst), their prefill goes before the next
+                # decoding step, so time to first token is not stretched by steps of the requests already running.
+                if running and not (free and self._pending):
                     launched = (slots.step_async(), list(running.items()))
                     self.stats.extra["steps"] = self.stats.extra.get("steps", 0) + 1
                 if in_flight is not None:
