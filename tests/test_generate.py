@@ -373,7 +373,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(endpoint, tmp_path):
     assert (tmp_path / "resumed" / "qa.json").read_bytes() == (tmp_path / "whole" / "qa.json").read_bytes()
     a, b = (json.loads((tmp_path / d / "qa.summary.json").read_text()) for d in ("whole", "resumed"))
     for s in (a, b):
-        s.pop("output")
+        s.pop("output"), s.pop("journal")
     assert a == b and a["records_out"] == 8 and a["failed"] == {"invalid_output": 2}
     ids = [
         json.loads(line)["id"] for line in (tmp_path / "resumed" / "qa.json.journal.jsonl").read_text().splitlines()
@@ -504,6 +504,17 @@ def test_bad_key_stops_the_run(tmp_path, endpoint, monkeypatch, capsys):
         "--no-progress",
     ]
     assert run_cli("captions", *args) == 2 and "$OPENAI_API_KEY" in capsys.readouterr().err
+
+    # a dead endpoint: after 8 records in a row failed (none succeeded) nothing more is sent; a rerun retries them
+    ep.script = lambda r: (500, "down", 0)
+    for i in range(12):
+        write_image(tmp_path / f"img{i}.png", seed=i + 1)
+    args = [str(tmp_path), "--output", out, *common(ep, "--max-retries", "0", "--concurrency", "1")]
+    n = len(ep.requests)
+    assert run_cli("captions", *args) == 2 and "8 records in a row failed" in capsys.readouterr().err
+    journal = [json.loads(line) for line in Path(out + ".journal.jsonl").read_text().splitlines()]
+    assert len(journal) == 8 and {e["reason"] for e in journal} == {"api_error"} and len(ep.requests) - n <= 10
+    assert "HTTP 500" in journal[0]["detail"]
 
 
 def render_text(path, lines):

@@ -230,6 +230,8 @@ class ChatClient:
         self.limiter.settle(estimate, counts["total_tokens"] or estimate)
         choices = getattr(response, "choices", None) or []
         text = choices[0].message.content if choices and choices[0].message is not None else None
+        if choices and getattr(choices[0], "finish_reason", None) == "length":
+            counts["truncated"] = 1
         return text or "", counts
 
 
@@ -263,6 +265,8 @@ def ask_structured(
         return parse(text)
     except OutputError as err:
         first_error = err
+        if counts.get("truncated"):  # the model was not wrong, the limit was: say so in the record's reason
+            first_error = OutputError(f"{err}; the reply stopped at the {max_tokens}-token limit (--max-tokens)")
     repair = [
         *messages,
         {"role": "assistant", "content": text},

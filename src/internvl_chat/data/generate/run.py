@@ -51,8 +51,12 @@ DEFAULT_MAX_TOKENS = {"captions": 1024, "enrich": 1024, "qa": 2048}
 DEFAULT_QUESTION = "Describe this image in detail."
 ID_HEX = 16
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# Failures a rerun tries again without --retry-failed: the endpoint did not answer, the record itself may be fine.
-RETRIED_REASONS = {"api_error"}
+# Failures a rerun tries again without --retry-failed: the endpoint did not answer or the image could not be read;
+# the record itself may be fine next time.
+RETRIED_REASONS = {"api_error", "image_error"}
+FAILURES_LOGGED = 3  # warnings per failure reason (the journal and the summary hold them all)
+# Stop when this many records in a row failed on the endpoint before any succeeded (a wrong URL, a dead server).
+ABORT_AFTER_API_ERRORS = 8
 
 
 @dataclass
@@ -450,6 +454,8 @@ def summarize(
         "output": cfg.output,
         "base_url": cfg.base_url,
         "model": cfg.model,
+        "journal": journal_path(cfg.output),
+        "prompts": load_prompts(cfg.step, cfg.prompts).files,
         "records_in": len(items) + sum(duplicates.values()),
         "duplicates": dict(sorted(duplicates.items())),
         "records_out": out,
@@ -467,8 +473,10 @@ def _exit_after() -> int | None:
     return int(value) if value else None
 
 
-def run(cfg: GenerateConfig, client: Any = None, out=sys.stdout) -> dict[str, Any]:
-    """Runs one step (or, with ``cfg.dry_run``, estimates it); returns the summary (also written to the file)."""
+def run(cfg: GenerateConfig, client: Any = None, out: Any = None) -> dict[str, Any]:
+    """Runs one step (or, with ``cfg.dry_run``, estimates it, printing to ``out``, default stdout); returns the
+    summary (also written to the file) or the estimate."""
+    out = out or sys.stdout
     if cfg.step not in STEPS:
         raise ValueError(f"unknown step {cfg.step!r} (known: {', '.join(STEPS)})")
     if cfg.num_qa < 1 or cfg.concurrency < 1:
@@ -510,49 +518,72 @@ def run(cfg: GenerateConfig, client: Any = None, out=sys.stdout) -> dict[str, An
 
 
 def _work(cfg: GenerateConfig, worker: Worker, todo: list[Item], done_before: int) -> None:
+    """Runs ``worker`` over ``todo`` on ``cfg.concurrency`` threads; the main thread journals each finished record."""
     from tqdm.auto import tqdm
+
+    from .api import EndpointError
 
     journal = journal_path(cfg.output)
     exit_after, written = _exit_after(), 0
-    counts = Counter()
+    counts: Counter = Counter()
     queue = iter(todo)
-    bar = tqdm(total=len(todo), desc=f"generate {cfg.step}", unit="rec", disable=not cfg.progress, dynamic_ncols=True)
     if done_before:
         logger.info("resuming: %d record(s) already in %s", done_before, journal)
-    with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="generate") as pool:
-        pending = set()
+    bar = tqdm(total=len(todo), desc=f"generate {cfg.step}", unit="rec", disable=not cfg.progress, dynamic_ncols=True)
+    pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="generate")
+    pending: set = set()
 
-        def refill() -> None:
-            # a bounded window of submitted records: a huge input is not turned into a million futures at once
-            while len(pending) < 2 * cfg.concurrency:
-                item = next(queue, None)
-                if item is None:
-                    return
-                pending.add(pool.submit(worker, item))
+    def refill() -> None:
+        # a bounded window of submitted records: a huge input is not turned into a million futures at once
+        while len(pending) < 2 * cfg.concurrency:
+            item = next(queue, None)
+            if item is None:
+                return
+            pending.add(pool.submit(worker, item))
 
+    def journal_entry(entry: dict[str, Any]) -> None:
+        nonlocal written
+        append_jsonl(journal, [entry], sync=True)
+        written += 1
+        if entry["status"] == "ok":
+            counts["ok"] += 1
+            counts["api_errors_in_a_row"] = 0
+        else:
+            counts["failed"] += 1
+            counts[entry["reason"]] += 1
+            counts["api_errors_in_a_row"] = counts["api_errors_in_a_row"] + 1 if entry["reason"] == "api_error" else 0
+            if counts[entry["reason"]] <= FAILURES_LOGGED:
+                logger.warning("record %s failed: %s: %s", entry["id"], entry["reason"], entry.get("detail", ""))
+        counts["tokens"] += entry["usage"]["total_tokens"]
+        bar.set_postfix(ok=counts["ok"], failed=counts["failed"], tokens=counts["tokens"], refresh=False)
+        bar.update(1)
+        if exit_after is not None and written >= exit_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # tests: die mid-run at a known point
+
+    try:
         refill()
-        try:
-            while pending:
-                finished, rest = wait(pending, return_when=FIRST_COMPLETED)
-                pending.clear()
-                pending.update(rest)
-                for future in finished:
-                    entry = future.result()  # EndpointError stops the run here
-                    append_jsonl(journal, [entry], sync=True)
-                    written += 1
-                    counts["ok" if entry["status"] == "ok" else "failed"] += 1
-                    counts["tokens"] += entry["usage"]["total_tokens"]
-                    bar.set_postfix(ok=counts["ok"], failed=counts["failed"], tokens=counts["tokens"], refresh=False)
-                    bar.update(1)
-                    if exit_after is not None and written >= exit_after:
-                        os.kill(os.getpid(), signal.SIGKILL)  # tests: die mid-run at a known point
-                refill()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
-        finally:
-            bar.close()
+        while pending:
+            finished, rest = wait(pending, return_when=FIRST_COMPLETED)
+            pending.clear()
+            pending.update(rest)
+            error = None
+            for future in finished:
+                try:
+                    journal_entry(future.result())
+                except EndpointError as err:  # the other finished records are journaled first
+                    error = err
+            if error is not None:
+                raise error
+            if not counts["ok"] and counts["api_errors_in_a_row"] >= max(ABORT_AFTER_API_ERRORS, 2 * cfg.concurrency):
+                raise EndpointError(
+                    f"{counts['api_errors_in_a_row']} records in a row failed on the endpoint before any succeeded "
+                    f"(see the warnings above); stopped sending (a rerun tries them again)"
+                )
+            refill()
+    finally:
+        bar.close()
+        # no new calls after an error or Ctrl-C; calls in flight finish (their records are simply redone)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def dry_run(cfg: GenerateConfig, items: list[Item], todo: list[Item], duplicates: Counter, out) -> dict[str, Any]:
