@@ -404,3 +404,28 @@ def test_launcher_registers_the_adapter_and_help_is_light():
 
     register()
     assert get_model("internvl_chat") is InternVLChat
+
+
+def test_crosscheck_agrees_where_documented_and_names_the_deviations():
+    """bench/crosscheck_lmms.py, as docs/interop.md reports it: item-for-item agreement on TextVQA, ANLS and
+    ChartQA; lmms-eval's POPE exact-word rule, MME lone y/n and OCRBench full-width folding differ from ours."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("crosscheck_lmms", ROOT / "bench" / "crosscheck_lmms.py")
+    crosscheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(crosscheck)
+    for task in ("textvqa", "docvqa", "infovqa", "chartqa"):
+        assert crosscheck.score(task, crosscheck.cases(task, 300))["item_agreement"] == 1.0, task
+    pope = crosscheck.score(
+        "pope", [{"prediction": "Yes, there is a car.", "label": "yes"}, {"prediction": "no", "label": "no"}]
+    )
+    assert pope["item_agreement"] == 0.5 and pope["aggregates"]["accuracy"] == {"ours": 1.0, "lmms_eval": 0.5}
+    mme = crosscheck.score("mme", [{"prediction": "N", "label": "No", "category": "OCR", "image": "a"}] * 2)
+    assert mme["aggregates"]["perception"] == {"ours": 0.0, "lmms_eval": 200.0}
+    item = {
+        "prediction": "ＳＴＯＰ",
+        "answers": ["STOP"],
+        "dataset_name": "IIIT5K",
+        "type": "Regular Text Recognition",
+    }
+    assert crosscheck.score("ocrbench", [item])["aggregates"]["score_per_1000"] == {"ours": 0.0, "lmms_eval": 1000.0}
