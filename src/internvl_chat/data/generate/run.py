@@ -631,7 +631,7 @@ def dry_run(cfg: GenerateConfig, items: list[Item], todo: list[Item], duplicates
         f"({estimate['already_done']} already done, {sum(duplicates.values())} duplicate(s) skipped); "
         f"up to {2 * calls} with one repair each\n"
         f"  input  ≈ {text_tokens + image_tok:,} tokens (text ≈ {text_tokens:,} at ~4 characters a token, "
-        f"images ≈ {image_tok:,} by the 512-px tile rule, detail={cfg.image_detail})\n"
+        f"images ≈ {image_tok:,} by GPT-4o's image rule, detail={cfg.image_detail})\n"
         f"  output ≤ {output_max:,} tokens ({worker.max_tokens} max per call); replies are usually much shorter\n"
     )
     if cfg.ocr_engine not in (None, "none") and cfg.step != "captions":
