@@ -112,8 +112,8 @@ class SlotDecoder:
             layer = StaticLayer(max_cache_len=max_cache_len)
             module = language_model.layers[index]
             device = next(module.parameters()).device
-            dtype = next(module.parameters()).dtype
-            empty = torch.empty(slots, heads, 0, head_dim, dtype=dtype, device=device)
+            # The embedding's dtype, not the layer's: a quantized layer's parameters are integers.
+            empty = torch.empty(slots, heads, 0, head_dim, dtype=self.dtype, device=device)
             layer.lazy_initialization(empty, empty)
             layers.append(layer)
         self.cache = Cache(layers=layers)
