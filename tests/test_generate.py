@@ -450,6 +450,15 @@ def test_extractive_rule_and_reply_parsing():
         parse_qa(json.dumps({"qa": [{"question": "q", "answer": "a", "explain_question": "w"}]}))
     with pytest.raises(OutputError, match="no QA pairs"):
         parse_qa('{"qa": []}')
+    # a generated <image> would break the record's image count: repaired, never written
+    with pytest.raises(OutputError, match="reserved <image>"):
+        parse_caption('{"caption": "<image> A cat."}')
+    with pytest.raises(OutputError, match=r"qa.0.answer: .*reserved <image>"):
+        parse_qa(
+            json.dumps(
+                {"qa": [{"question": "q", "answer": "<image>", "explain_question": "w", "explain_answer": "e"}]}
+            )
+        )
 
 
 def test_prompt_files_are_editable(tmp_path, endpoint):

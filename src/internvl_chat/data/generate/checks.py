@@ -45,6 +45,17 @@ class OutputError(ValueError):
     """The endpoint's reply is not the JSON object the step asked for (the message is sent back for one repair)."""
 
 
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _no_placeholder(value: str) -> str:
+    # [IMPORTANT] a generated "<image>" in a turn would be one more image placeholder than the record has images:
+    # training refuses such a sample. The reply is sent back for repair instead.
+    if IMAGE_PLACEHOLDER in value:
+        raise ValueError(f"contains the reserved {IMAGE_PLACEHOLDER} placeholder")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
@@ -57,7 +68,7 @@ class _Caption(_Strict):
     def _not_empty(cls, value: str) -> str:
         if not value:
             raise ValueError("the caption is empty")
-        return value
+        return _no_placeholder(value)
 
 
 class QAPair(_Strict):
@@ -73,7 +84,7 @@ class QAPair(_Strict):
     def _not_empty(cls, value: str) -> str:
         if not value:
             raise ValueError("empty text")
-        return value
+        return _no_placeholder(value)
 
 
 class _QA(_Strict):

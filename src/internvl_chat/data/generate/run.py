@@ -479,8 +479,10 @@ def run(cfg: GenerateConfig, client: Any = None, out: Any = None) -> dict[str, A
     out = out or sys.stdout
     if cfg.step not in STEPS:
         raise ValueError(f"unknown step {cfg.step!r} (known: {', '.join(STEPS)})")
-    if cfg.num_qa < 1 or cfg.concurrency < 1:
-        raise ValueError("--num-qa and --concurrency must be at least 1")
+    if cfg.num_qa < 1 or cfg.concurrency < 1 or (cfg.max_tokens is not None and cfg.max_tokens < 1):
+        raise ValueError("--num-qa, --concurrency and --max-tokens must be at least 1")
+    if "<image>" in cfg.question:
+        raise ValueError("--question must not contain <image> (it is put in front of the question)")
     prompts = load_prompts(cfg.step, cfg.prompts)
     items, duplicates = load_items(cfg, set(prompts.sources))
     journal = journal_path(cfg.output)
