@@ -285,32 +285,81 @@ def test_interleaved_images_and_task_written_placeholder(adapter):
         )
 
 
+def _reference_score(lm, context, continuation, image=None):
+    """(mean NLL, greedy) over the tokens of the processor's assistant mask (TRL's assistant_only_loss source),
+    computed apart from the adapter."""
+    import torch
+
+    user = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": context}]
+    messages = [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": [{"type": "text", "text": continuation}]},
+    ]
+    enc = lm.processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    mask = torch.as_tensor(enc["assistant_masks"][0]).bool()
+    assert mask.sum() >= 2  # answer + terminator
+    inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in enc}
+    with torch.inference_mode():
+        logits = lm.model(**inputs).logits[0].float()
+    ids, positions = enc["input_ids"][0], mask.nonzero()[:, 0]
+    logprobs = torch.log_softmax(logits[positions - 1], -1).gather(-1, ids[positions][:, None])[:, 0]
+    return float(-logprobs.mean()), bool((logits[positions - 1].argmax(-1) == ids[positions]).all())
+
+
 def test_loglikelihood_scores_the_supervised_answer_tokens(adapter):
     """The score is the mean NLL over exactly the tokens training supervises for that answer (the processor's
     assistant mask: separator, answer, terminator), and `greedy` says whether argmax reproduces them."""
-    import torch
+    image = _image(3, 28)
+    adapter.task_dict = {"t": {"test": _Docs([{"images": []}, {"images": [image]}])}}
+    got = adapter.loglikelihood(
+        [
+            _instance("loglikelihood", ("Is the sky blue?", " Yes", _visual, 0, "t", "test")),
+            _instance("loglikelihood", ("Name it.", " cat", _visual, 1, "t", "test"), 1),
+        ]
+    )
+    for (loss, greedy), (ref_loss, ref_greedy) in zip(
+        got,
+        [_reference_score(adapter, "Is the sky blue?", " Yes"), _reference_score(adapter, "Name it.", " cat", image)],
+    ):
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and greedy == ref_greedy
 
-    adapter.task_dict = {"t": {"test": _Docs([{"images": []}])}}
-    context, continuation = "Is the sky blue?", " Yes"
-    ((loss, greedy),) = adapter.loglikelihood(
-        [_instance("loglikelihood", (context, continuation, _visual, 0, "t", "test"))]
+
+# The other families: InternViT-6B tower (vicuna_v1), LLaVAR-2 multi-path with phi3_instruct and llama3 (double BOS).
+FAMILIES = [
+    ("internvl-chat-vit6b-224to336-vicuna-7b", "vicuna-v1.5"),
+    ("llavar2-phi3.5-mini", "phi-3.5-mini"),
+    ("llavar2-llama3.1-8b", "llama-3.1"),
+]
+
+
+@pytest.mark.parametrize("preset,tokenizer", FAMILIES)
+def test_other_families_generate_and_score_like_ours(preset, tokenizer, tmp_path):
+    import tempfile
+
+    from internvl_chat.eval.lmms import InternVLChat
+    from internvl_chat.eval.runner import generate_predictions
+    from internvl_chat.eval.tasks import Sample
+    from internvl_chat.factories import create
+
+    folder = tmp_path / preset
+    create(preset, str(folder), tokenizer=str(TOKENIZERS / tokenizer), tiny=True)
+    lm = InternVLChat(pretrained=str(folder), device="cpu", batch_size=3)
+    docs = [{"images": [_image(i, 20 + 7 * i)]} for i in range(3)]
+    lm.task_dict = {"t": {"test": _Docs(docs)}}
+    gen = {"max_new_tokens": 4}
+    questions = [_question(i) + POST_PROMPT for i in range(3)]
+    got = lm.generate_until(
+        [_instance("generate_until", (q, dict(gen), _visual, i, "t", "test"), i) for i, q in enumerate(questions)]
     )
-    processor, model = adapter.processor, adapter.model
-    messages = [
-        {"role": "user", "content": [{"type": "text", "text": context}]},
-        {"role": "assistant", "content": [{"type": "text", "text": continuation}]},
-    ]
-    enc = processor.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
-    )
-    ids, mask = enc["input_ids"][0], torch.as_tensor(enc["assistant_masks"][0]).bool()
-    assert mask.sum() >= 2  # answer + terminator
-    with torch.inference_mode():
-        logits = model(input_ids=enc["input_ids"]).logits[0].float()
-    positions = mask.nonzero()[:, 0]
-    logprobs = torch.log_softmax(logits[positions - 1], -1).gather(-1, ids[positions][:, None])[:, 0]
-    assert loss == pytest.approx(float(-logprobs.mean()), rel=1e-5)
-    assert greedy == bool((logits[positions - 1].argmax(-1) == ids[positions]).all())
+    samples = [Sample(id=i, prompt=q, image=docs[i]["images"][0]) for i, q in enumerate(questions)]
+    with tempfile.TemporaryDirectory() as tmp:
+        texts, _ = generate_predictions(lm.model, lm.processor, samples, Path(tmp) / "p.jsonl", 1, max_new_tokens=4)
+    assert got == [texts[str(i)] for i in range(3)]
+    ((loss, greedy),) = lm.loglikelihood([_instance("loglikelihood", ("Name it.", " cat", _visual, 0, "t", "test"))])
+    ref_loss, ref_greedy = _reference_score(lm, "Name it.", " cat", docs[0]["images"][0])
+    assert loss == pytest.approx(ref_loss, rel=1e-5) and greedy == ref_greedy
 
 
 def test_loglikelihood_sees_the_image(adapter):

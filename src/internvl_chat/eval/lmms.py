@@ -27,7 +27,8 @@ Request types:
   ``<image>`` in its text takes the runner's path; several images, or ``<image>`` placeholders written by the task,
   are placed where the text puts them (all at the front when it puts none) and batched with one processor call.
 * ``loglikelihood`` (lmms-eval's ``multiple_choice`` tasks): the continuation is the assistant answer of the
-  conversation, scored with its terminator (``</s>``, ``<|end|>``...), as lmms-eval's LLaVA adapter does. Returns
+  conversation, scored on the tokens training supervises for it (answer and terminator, ``</s>``, ``<|end|>``...;
+  lmms-eval's LLaVA adapter also scores the terminator). Returns
   (mean negative log-likelihood per continuation token, whether greedy decoding gives exactly those tokens):
   lmms-eval ranks choices by the smallest value (``argmin``), so this is a loss, not a log-probability.
 * ``generate_until_multi_round``: each round's prompt comes from the task's ``doc_to_text``; the documents still
@@ -389,32 +390,35 @@ class InternVLChat(lmms):
         return out
 
     def _score(self, context: str, continuation: str, images: list) -> tuple[float, bool]:
-        """(mean NLL of the continuation tokens, whether they are the greedy tokens) under the chat template."""
-        messages = self._messages(context, len(images))
-        prompt = self._prompt(messages)
-        full_messages = [*messages, {"role": "assistant", "content": [{"type": "text", "text": continuation}]}]
-        if self.template is not None:
-            from ..templates import render_chat
+        """(mean NLL of the continuation's tokens, whether they are the greedy tokens): the tokens training would
+        supervise for this answer (`templates.encode_chat`'s mask: the separator after ``ASSISTANT:``, the answer
+        and its terminator), in the conversation tokenized as the processor does."""
+        from ..templates import encode_chat
 
-            full = render_chat(full_messages, self.template, add_generation_prompt=False)
-        else:
-            full = self.processor.apply_chat_template(full_messages, tokenize=False)
-        inputs = self.processor(images=[list(images)] if images else None, text=[full], return_tensors="pt")
-        prompt_ids = self.processor.encode_text([prompt])["input_ids"][0]
-        ids = inputs["input_ids"][0].tolist()
-        # The prompt's tokens are the conversation's first tokens (the separator before the answer is an answer
-        # token, as in training); where a tokenizer merges across the boundary, the shared prefix is the context.
-        n = 0
-        while n < min(len(prompt_ids), len(ids)) and prompt_ids[n] == ids[n]:
-            n += 1
-        if n == 0 or n >= len(ids):
-            raise ValueError(f"internvl_chat: cannot score continuation {continuation!r}: no tokens after the prompt.")
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        messages = self._messages(context, len(images))
+        full_messages = [*messages, {"role": "assistant", "content": [{"type": "text", "text": continuation}]}]
+        processor = self.processor
+        encoded = encode_chat(
+            processor.tokenizer,
+            full_messages,
+            self.template or processor.chat_template,
+            image_token=processor.image_token,
+            image_seq_length=processor.image_seq_length,
+            image_token_id=processor.image_token_id,
+        )
+        positions = [i for i, m in enumerate(encoded["assistant_masks"]) if m]
+        if not positions or positions[0] == 0:
+            raise ValueError(f"internvl_chat: cannot score continuation {continuation!r}: it has no answer tokens.")
+        input_ids = torch.tensor([encoded["input_ids"]], device=self.device)
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if images:
+            pixels = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+            inputs["pixel_values"] = pixels.to(self.device, self._model.dtype)
         with torch.inference_mode():
-            logits = self._model(**inputs).logits[0, n - 1 : len(ids) - 1].float()  # (T, vocab)
-        targets = inputs["input_ids"][0, n:]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
-        greedy = bool((logits.argmax(-1) == targets).all())
+            logits = self._model(**inputs).logits[0].float()  # (T, vocab)
+        where = torch.tensor(positions, device=self.device)
+        targets = input_ids[0, where]
+        predicted = logits[where - 1]  # the logits at t predict token t + 1
+        logprobs = torch.log_softmax(predicted, dim=-1).gather(-1, targets[:, None])[:, 0]
+        greedy = bool((predicted.argmax(-1) == targets).all())
         return float(-logprobs.mean()), greedy
