@@ -274,6 +274,16 @@ def test_qa_against_the_scripted_endpoint(endpoint, tmp_path, monkeypatch):
     assert len(ep.requests) == n + 1 and CAPTIONS["refused"] in ep.requests[-1]["prompt"]
     assert list(json.loads(out.read_text())) == list(records.values())
     assert json.loads((tmp_path / "qa.summary.json").read_text())["tokens"]["qa"]["calls"] == 10  # a 400 has no usage
+    # --retry-failed: every failure again (broken: call + repair, refused, nocap without a call)
+    argv = ["qa", str(tmp_path / "in.json"), "--output", str(out), "--retry-failed"]
+    assert run_cli(*argv, *common(ep, "--num-qa", "2")) == 0
+    assert len(ep.requests) == n + 4
+    summary = json.loads((tmp_path / "qa.summary.json").read_text())
+    assert summary["tokens"]["qa"]["calls"] == 12 and summary["failed"] == {
+        "api_error": 1,
+        "invalid_output": 1,
+        "no_caption": 1,
+    }
 
 
 def test_chained_steps_on_a_folder(endpoint, tmp_path, monkeypatch):
