@@ -209,6 +209,9 @@ def _generate(args) -> int:
         return 0
     from .generate.run import GenerateConfig, run, summary_path
 
+    for name in ("httpx", "httpx2", "httpcore", "openai"):  # one line per request would bury the progress bar
+        logging.getLogger(name).setLevel(logging.WARNING)
+
     cfg = GenerateConfig(
         step=args.step,
         input=args.input,

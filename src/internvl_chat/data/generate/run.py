@@ -522,6 +522,7 @@ def run(cfg: GenerateConfig, client: Any = None, out: Any = None) -> dict[str, A
 def _work(cfg: GenerateConfig, worker: Worker, todo: list[Item], done_before: int) -> None:
     """Runs ``worker`` over ``todo`` on ``cfg.concurrency`` threads; the main thread journals each finished record."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .api import EndpointError
 
@@ -562,6 +563,8 @@ def _work(cfg: GenerateConfig, worker: Worker, todo: list[Item], done_before: in
         if exit_after is not None and written >= exit_after:
             os.kill(os.getpid(), signal.SIGKILL)  # tests: die mid-run at a known point
 
+    redirect = logging_redirect_tqdm()  # warnings print above the bar instead of through it
+    redirect.__enter__()
     try:
         refill()
         while pending:
@@ -583,6 +586,7 @@ def _work(cfg: GenerateConfig, worker: Worker, todo: list[Item], done_before: in
                 )
             refill()
     finally:
+        redirect.__exit__(None, None, None)
         bar.close()
         # no new calls after an error or Ctrl-C; calls in flight finish (their records are simply redone)
         pool.shutdown(wait=False, cancel_futures=True)
