@@ -9,11 +9,11 @@ engine (one `generate` call per batch) and transformers' own continuous batching
 Workload: `--streams` requests arrive at once (one 336x336 random image + a short question each, through our
 processor: 576 image tokens + the chat template), greedy, `--max-tokens` new tokens (random weights almost never emit
 EOS, so answers are full length; the mean is reported), after a warm-up burst. Each engine is measured in process at
-its request interface (no HTTP: the peer has no server), the same way for all three:
+its request interface (no HTTP: the peer has no server), the same way for all three; time to first token is when
+the first token was generated (`RequestHandle.first_token_at`; for ours the first streamed text is reported too):
 
 - `continuous`: `serve.engine.Engine(scheduler="continuous")`, `max_batch_size=streams` slots, the cache sized to the
-  longest prompt + max tokens (`--max-cache-len` of the server); requests consumed as streams, time to first token =
-  first streamed text.
+  longest prompt + max tokens (`--max-cache-len` of the server); requests consumed as streams.
 - `window`: the same engine with `scheduler="window"` (the previous engine), `max_batch_size=streams`.
 - `transformers_cb`: `generate_batch` (its ContinuousBatchingManager; default config, its own CUDA graphs, flash
   attention if installed, else sdpa) on a native `LlamaForCausalLM` that shares our model's language-model weights
@@ -98,15 +98,15 @@ def burst(engine, prepared: list, max_tokens: int) -> dict:
     from internvl_chat.serve.engine import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_tokens)
-    started = time.perf_counter()
+    started = time.monotonic()  # the clock of `RequestHandle.first_token_at`
     handles = [engine.submit(item, params) for item in prepared]
     first: dict[int, float] = {}
     done: dict[int, float] = {}
 
     def consume(index, handle):
         for _ in handle.stream():
-            first.setdefault(index, time.perf_counter())
-        done[index] = time.perf_counter()
+            first.setdefault(index, time.monotonic())
+        done[index] = time.monotonic()
 
     threads = [threading.Thread(target=consume, args=(i, h)) for i, h in enumerate(handles)]
     for thread in threads:
@@ -114,8 +114,14 @@ def burst(engine, prepared: list, max_tokens: int) -> dict:
     for thread in threads:
         thread.join()
     wall = max(done.values()) - started
-    ttft = [first.get(i, done[i]) - started for i in range(len(handles))]
-    return summary(ttft, [h.result.completion_tokens for h in handles], wall)
+    ttft = [h.first_token_at - started for h in handles]
+    result = summary(ttft, [h.result.completion_tokens for h in handles], wall)
+    # What a streaming client sees: text is held back while it may still change (a partial character, trailing
+    # whitespace, a possible stop-string prefix), so the first text can come a token or more after the first token.
+    text = sorted(first.get(i, done[i]) - started for i in range(len(handles)))
+    result["first_text_p50_s"] = round(statistics.median(text), 4)
+    result["first_text_p95_s"] = round(text[min(len(text) - 1, int(0.95 * len(text)))], 4)
+    return result
 
 
 def run_ours(model, processor, prepared, args, scheduler: str) -> dict:

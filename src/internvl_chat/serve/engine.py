@@ -150,6 +150,7 @@ class RequestHandle:
         self._on_cancel = None
         self.result: Finished | None = None
         self.ended = False  # set by the engine once it pushed Finished / Failed
+        self.first_token_at: float | None = None  # time.monotonic() when its first token was generated
 
     # -- engine side ------------------------------------------------------------------------------------------------
     def _push(self, event) -> None:
@@ -258,6 +259,8 @@ class _RowDecoder:
     def add(self, token: int) -> str | None:
         """Consumes one generated token; returns a finish reason when the row has ended, else None."""
         params = self.handle.params
+        if self.handle.first_token_at is None:
+            self.handle.first_token_at = time.monotonic()
         if token in self.eos_ids:
             self.eos_seen = True
             return self._finish("stop")
