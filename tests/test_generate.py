@@ -85,7 +85,7 @@ class FakeEndpoint:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def _describe(self, body):
@@ -598,6 +598,7 @@ def test_qa_output_trains_one_step_and_scores_as_ffd_duos(endpoint, tmp_path):
     assert scored["scored_duos"] == 5 and scored["kept_duos"] == 5
 
 
+@pytest.mark.slow  # 10-25 s: a server start (tiny model) and six CPU generations
 def test_against_our_server_everything_rejected_and_counted(tmp_path):
     """`internvl-chat serve` with a tiny random model: the replies are noise, so every record fails validation
     (after its repair) and the run still finishes, with the failures counted and the tokens reported."""
