@@ -1,5 +1,4 @@
-"""`internvl-chat data`: check a training file, convert it between LLaVA JSON, HF datasets and parquet, or generate
-data through an OpenAI-compatible endpoint.
+"""`internvl-chat data`: check a training file, convert it (LLaVA JSON / datasets / parquet) or generate data.
 
     internvl-chat data check llava.json --image-folder images/ --model out/llava          # processor of a model
     internvl-chat data check llava.json --image-folder images/ --tokenizer DIR --template vicuna_v1 \
