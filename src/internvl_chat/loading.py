@@ -46,6 +46,17 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def torch_dtype(name: str):
+    """A dtype name of `DTYPE_NAMES` → the torch dtype; ``"auto"`` stays ``"auto"`` (from_pretrained's own rule)."""
+    if name == "auto":
+        return "auto"
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"Unknown dtype {name!r}; choose one of auto, {', '.join(DTYPE_NAMES)}.")
+    import torch
+
+    return getattr(torch, name)
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what to change."""
 

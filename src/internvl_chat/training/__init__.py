@@ -7,6 +7,7 @@ build.py     the model a recipe starts from (saved folder, pretrained LLM + towe
 trainer.py   VisionSFTTrainer / VisionSFTConfig: optimizer groups, modality sampler, projector artifact, LoRA
 collator.py  VisionChatCollator: batches, padding, padding-free packing around data.encoding.SampleEncoder
 train.py     recipe YAML + overrides -> run; the `train` verb
+blocks.py    the one validator of recipe blocks (model, stage, data, lora: unknown keys named)
 toydata.py   the built-in digits + letters dataset (demo, tiny recipes)
 configs/     DeepSpeed ZeRO-2 / ZeRO-3 (+ offload) JSON, accelerate FSDP YAML
 """

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from ..loading import DTYPE_NAMES, torch_dtype
+from .blocks import recipe_block
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -52,16 +53,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict | None) -> ModelConfig:
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown model keys {unknown}; known: {sorted(known)}.")
-        config = cls(**values)
+        config = recipe_block(cls, values, "model")
         if config.model_name_or_path is None and config.preset is None:
             raise ValueError("The recipe's model block needs `model_name_or_path` or `preset`.")
-        if config.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        if config.dtype not in ("auto", *DTYPE_NAMES):
+            raise ValueError(f"model.dtype must be one of {sorted(('auto', *DTYPE_NAMES))}, got {config.dtype!r}")
         if config.bits not in (4, 8, 16):
             raise ValueError(f"model.bits must be 4, 8 (QLoRA) or 16, got {config.bits}")
         return config
@@ -77,11 +73,11 @@ def _from_folder(cfg: ModelConfig, freeze_vision: bool):
     check_remote_code(cfg.model_name_or_path, trust_remote_code=False)
     config = AutoConfig.from_pretrained(cfg.model_name_or_path)
     _adjust_config(config, cfg, freeze_vision)
-    kwargs = {"config": config, "dtype": DTYPES[cfg.dtype]}
+    kwargs = {"config": config, "dtype": torch_dtype(cfg.dtype)}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.bits in (4, 8):
-        dtype = DTYPES[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
         kwargs["quantization_config"] = quantization_config(
             cfg.bits, dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
         )
@@ -135,7 +131,7 @@ def _from_parts(cfg: ModelConfig, freeze_vision: bool):
     from ..modeling.modeling_internvl_chat import InternVLChatProjector
     from ..presets import get_preset
 
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     preset = get_preset(cfg.preset)
     # Config + processor of the preset with the LLM's tokenizer; weights stay on the meta device (no memory).
     skeleton, _, _ = create(cfg.preset, None, tokenizer=cfg.tokenizer or cfg.language_model, weights=False)
@@ -254,7 +250,7 @@ def build_model(cfg: ModelConfig, freeze_vision: bool = True):
     if cfg.model_max_length:
         processor.tokenizer.model_max_length = cfg.model_max_length
     if cfg.dtype not in ("float32", "auto") and cfg.bits == 16:
-        model = model.to(DTYPES[cfg.dtype])
+        model = model.to(torch_dtype(cfg.dtype))
     return model, processor
 
 

@@ -33,6 +33,7 @@ from collections import OrderedDict
 from torch import nn
 
 from ..keymaps import strip_peft
+from .blocks import recipe_block
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,7 @@ class StageConfig:
 
     @classmethod
     def from_dict(cls, values: dict | None) -> StageConfig:
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown stage keys {unknown}; known: {sorted(known)}.")
-        return cls(**values)
+        return recipe_block(cls, values, "stage")
 
     @property
     def train_llm(self) -> bool:

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import yaml
 
+from .blocks import recipe_block
+
 logger = logging.getLogger(__name__)
 
 BLOCKS = ("model", "stage", "data", "lora", "training")
@@ -65,7 +67,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: dict | None) -> DataConfig:
-        return _from_dict(cls, values, "data")
+        return recipe_block(cls, values, "data")
 
 
 @dataclasses.dataclass
@@ -81,16 +83,7 @@ class LoraSettings:
 
     @classmethod
     def from_dict(cls, values: dict | None) -> LoraSettings:
-        return _from_dict(cls, values, "lora")
-
-
-def _from_dict(cls, values, block):
-    values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"Unknown {block} keys {unknown}; known: {sorted(known)}.")
-    return cls(**values)
+        return recipe_block(cls, values, "lora")
 
 
 # ---------------------------------------------------------------------------------------------------------------
