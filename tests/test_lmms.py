@@ -478,3 +478,16 @@ def test_crosscheck_agrees_where_documented_and_names_the_deviations():
         "type": "Regular Text Recognition",
     }
     assert crosscheck.score("ocrbench", [item])["aggregates"]["score_per_1000"] == {"ours": 0.0, "lmms_eval": 1000.0}
+
+
+def test_launcher_failure_is_one_error_line_and_status_2(setup, tmp_path, capsys):
+    """lmms-eval itself logs a failed evaluation and exits 0; `internvl-chat lmms-eval` ends with `error: ...` and
+    status 2 (here: a model folder that does not exist)."""
+    from internvl_chat.cli import main
+
+    _, task_dir = setup
+    args = ["lmms-eval", "--model", "internvl_chat", "--model_args", f"pretrained={tmp_path / 'missing'}"]
+    args += ["--device", "cpu", "--tasks", "tinyvqa", "--include_path", str(task_dir), "--verbosity", "WARNING"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: --model ") and "is not a folder" in err

@@ -58,14 +58,32 @@ def main(argv=None) -> int:
     if "--lmms-help" in argv:
         argv = ["eval", "--help"]
     register()
+    import lmms_eval.__main__ as lmms_entry
     from lmms_eval.cli.dispatch import main as lmms_main
+
+    # [IMPORTANT] lmms-eval 0.7.3 logs a failed evaluation (a model folder that does not load, a bad model_args key)
+    # and exits 0; the failure is recorded here and raised once lmms-eval returns, so the command ends with
+    # `error: ...` and status 2 (a script or CI sees it).
+    failures: list[BaseException] = []
+    evaluate_one = lmms_entry.cli_evaluate_single
+
+    def recording(*args, **kwargs):
+        try:
+            return evaluate_one(*args, **kwargs)
+        except Exception as exc:
+            failures.append(exc)
+            raise
 
     saved = sys.argv
     sys.argv = ["lmms-eval", *argv]
+    lmms_entry.cli_evaluate_single = recording
     try:
         lmms_main()
     finally:
         sys.argv = saved
+        lmms_entry.cli_evaluate_single = evaluate_one
+    if failures:
+        raise failures[0]
     return 0
 
 
