@@ -24,7 +24,10 @@ VERBS = {
     "convert": ("internvl_chat.hub.convert", "convert an original checkpoint (LLaVA, InternVL, LLaVA-HR...) to ours"),
     "export": ("internvl_chat.hub.export", "export a CLIP-tower model to transformers-native Llava"),
     "push": ("internvl_chat.hub.push", "write a model card and upload a folder to the Hub"),
-    "data": ("internvl_chat.data.cli", "check a dataset, convert between LLaVA JSON / datasets / parquet"),
+    "data": (
+        "internvl_chat.data.cli",
+        "check, convert (LLaVA JSON / datasets / parquet) and generate (captions, QA via an API) data",
+    ),
     "train": ("internvl_chat.training.train", "run a training recipe (YAML) with TRL's SFTTrainer"),
     "eval": ("internvl_chat.eval.run", "evaluate on a benchmark"),
     "lmms-eval": ("internvl_chat.eval.lmms_cli", "run lmms-eval with our model registered as --model internvl_chat"),
