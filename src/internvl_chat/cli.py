@@ -84,7 +84,8 @@ def error_line(exc: BaseException) -> str:
 
 
 def usage() -> str:
-    lines = [f"  {verb:<8} {help_}" for verb, (_, help_) in VERBS.items()]
+    width = max(map(len, VERBS))
+    lines = [f"  {verb:<{width}} {help_}" for verb, (_, help_) in VERBS.items()]
     return (
         "usage: internvl-chat VERB [options]      (internvl-chat VERB --help for a verb's options)\n\nverbs:\n"
         + "\n".join(lines)
