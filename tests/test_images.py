@@ -145,6 +145,20 @@ def test_errors_name_the_source(tmp_path):
         load_image(str(broken), max_pixels=0)
 
 
+def test_truncated_refused_even_when_another_library_allows_truncation(tmp_path, monkeypatch):
+    """lmms-eval sets PIL's global LOAD_TRUNCATED_IMAGES at import; our loader still refuses truncated data (and
+    leaves the other library's setting as it found it)."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    data = png_bytes(random_image(64, 64))[:300]
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # PIL alone, with the flag: decodes with a grey tail
+    with pytest.raises(ImageLoadError, match="corrupt"):
+        load_image(data)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
 def test_too_large_refused_from_the_header(tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_with_header_size(9000, 9000))  # claims 81 MP; decoding would fail as corrupt

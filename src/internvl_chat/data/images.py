@@ -30,11 +30,12 @@ import binascii
 import io
 import os
 import re
+import threading
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..modeling.image_processing_internvl_chat import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -72,7 +73,7 @@ def _open_encoded(fp: Any, name: str, max_pixels: int | None, image_processor: A
         with Image.open(fp) as img:
             # [IMPORTANT] Image.open only parses the header: check the size BEFORE .load() decodes the pixels.
             _check(img.width, img.height, name, max_pixels, image_processor)
-            img.load()
+            _strict_load(img)
             return img  # decoded: usable after the file is closed (frame 0 of animations)
     except ImageLoadError:
         raise
@@ -81,9 +82,29 @@ def _open_encoded(fp: Any, name: str, max_pixels: int | None, image_processor: A
     except PermissionError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        # [IMPORTANT] Truncated files raise OSError in .load() unless ImageFile.LOAD_TRUNCATED_IMAGES is set
-        # globally (some training scripts do); then they silently decode with grey tails.
+        # [IMPORTANT] Truncated files raise OSError in .load(), also when another library set
+        # ImageFile.LOAD_TRUNCATED_IMAGES globally (`_strict_load`).
         raise ImageLoadError(f"Image {name} is unreadable or corrupt: {type(err).__name__}: {err}") from err
+
+
+# Serialises the rare loads that must switch PIL's global truncation flag off (see `_strict_load`).
+_STRICT_LOCK = threading.Lock()
+
+
+def _strict_load(img: Image.Image) -> None:
+    """``img.load()`` that refuses truncated data even when ``ImageFile.LOAD_TRUNCATED_IMAGES`` was set globally by
+    another library in this process (lmms-eval's task module does, at import): a truncated upload must not decode
+    into an image with a grey tail. The flag is process-wide, so it is switched off around our load only, under a
+    lock; without the flag (the normal case) loads run in parallel, unlocked."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        img.load()
+        return
+    with _STRICT_LOCK:
+        previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def _decode_base64(text: str, name: str) -> bytes:
