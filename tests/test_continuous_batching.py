@@ -218,3 +218,32 @@ def test_unsupported_model_falls_back_to_the_window_scheduler(loaded, caplog):
         engine.stop()
     expected = processor.tokenizer.decode(alone(model, prepared, 5), skip_special_tokens=True).strip()
     assert answer.text == expected
+
+
+@pytest.mark.parametrize(
+    "preset, tokenizer",
+    [
+        ("llavar2-phi3.5-mini", "phi-3.5-mini"),  # Phi-3 LLM, multi-path CLIP + ConvNeXt tower
+        ("internvl-chat-vit6b-224to336-vicuna-7b", "vicuna-v1.5"),  # InternViT tower
+        ("llavar2-llama3.1-8b", "llama-3.1"),  # Llama-3.1 (GQA, llama3 rope), multi-path tower
+    ],
+)
+def test_model_families_decode_continuously(preset, tokenizer):
+    """Every family runs on the slot cache (the towers change only the prefill) and equals `generate` alone."""
+    from conftest import TOKENIZERS
+    from internvl_chat.factories import create
+    from internvl_chat.serve.engine import Engine, SamplingParams
+
+    model, processor, _ = create(preset, None, tokenizer=str(TOKENIZERS / tokenizer), tiny=True)
+    model.eval()
+    engine = Engine(model, processor, max_batch_size=3, batch_window=0.2, max_cache_len=512).start()
+    assert engine.scheduler == "continuous"
+    prepared = requests((model, processor), 4)
+    try:
+        answers = [engine.submit(p, SamplingParams(max_new_tokens=5 + 3 * i)) for i, p in enumerate(prepared)]
+        answers = [a.text().text for a in answers]
+    finally:
+        engine.stop()
+    for i, (item, answer) in enumerate(zip(prepared, answers)):
+        expected = alone(model, item, 5 + 3 * i)
+        assert answer == processor.tokenizer.decode(expected, skip_special_tokens=True).strip(), i

@@ -15,6 +15,8 @@ any thread), then queued. Two schedulers:
   prefill, at most `max_prefill_tokens` padded tokens per step, whose keys/values are copied into the slots) and
   finished ones leave; each step then decodes one token for every slot in one call (compiled and CUDA-graphed on
   CUDA). Sampling (greedy, temperature, top-p) is per request, so requests with different settings share steps.
+  While requests still wait for free slots (a burst), their prefill goes before the next step (time to first token);
+  a step's tokens are streamed while the next step runs (host work overlaps the GPU).
 - `scheduler="window"`: the worker takes the oldest request, waits `batch_window` seconds for more with the same
   sampling settings, left-pads them into one batch and runs one `model.generate` call; a request arriving while a
   batch runs waits for the next one. Used for models the slot cache cannot serve (flash-attention, sliding-window
@@ -707,7 +709,7 @@ class Engine:
                 logger.exception("compiling the decode step failed; decoding without compile")
                 slots._step = slots._forward
                 slots.compiled = False
-        free = list(range(self.max_batch_size - 1, -1, -1))  # a stack: the lowest free slot is reused first
+        free = list(range(self.max_batch_size - 1, -1, -1))  # free slots (a stack)
         running: dict[int, _RowDecoder] = {}
         # The step in flight and the requests it decodes for. Its tokens are read (and streamed) after the next step
         # was launched, so the host's work overlaps the GPU's; a request that ended meanwhile ignores its extra token.
