@@ -48,10 +48,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..loading import ModelLoadError, add_model_args, load_model, model_kwargs
-from .engine import Engine, EngineError, Overloaded, SamplingParams
+
+if TYPE_CHECKING:  # the engine (torch) is imported where it is used: `serve --help` answers before torch loads
+    from .engine import Engine, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +373,7 @@ def image_size(source: bytes | str) -> tuple[int, int] | None:
         return None
 
 
-def check_image_sizes(sizes, sources, config: ServerConfig, engine: Engine, mode: str | None) -> None:
+def check_image_sizes(sizes, sources, config: ServerConfig, engine: "Engine", mode: str | None) -> None:
     """From the headers, before decoding: the pixel limit, and what the image processor would refuse to preprocess
     in this request's aspect-ratio mode (an extreme aspect ratio's buffers). Raises APIError (400)."""
     from ..data.images import ImageLoadError, ImageTooLargeError, check_image_pixels
@@ -507,7 +509,7 @@ def release_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def sampling_params(request, config: ServerConfig) -> SamplingParams:
+def sampling_params(request, config: ServerConfig) -> "SamplingParams":
     if request.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n")
     max_tokens = request.max_completion_tokens or request.max_tokens or config.default_max_tokens
@@ -525,6 +527,8 @@ def sampling_params(request, config: ServerConfig) -> SamplingParams:
         )
     temperature = 1.0 if request.temperature is None else request.temperature  # OpenAI's default is 1
     top_p = 1.0 if request.top_p is None else request.top_p
+    from .engine import SamplingParams
+
     return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop))
 
 
@@ -533,7 +537,7 @@ def sampling_params(request, config: ServerConfig) -> SamplingParams:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, config: ServerConfig):
+def create_app(engine: "Engine", config: ServerConfig):
     """The FastAPI app serving `engine`. The engine must be started (`engine.start()`) by the caller."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -541,6 +545,8 @@ def create_app(engine: Engine, config: ServerConfig):
     from pydantic import ValidationError
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from .engine import EngineError, Overloaded
 
     request_model = _schemas()
     # [IMPORTANT] not FastAPI(max_body_size=...): its middleware replaces our response with a plain-text 413.
@@ -859,6 +865,7 @@ def _usage(result) -> dict:
 
 async def _sse(handle, completion_id: str, created: int, model: str, include_usage: bool):
     """Server-sent events in OpenAI's `chat.completion.chunk` format, ending with `data: [DONE]`."""
+    from .engine import EngineError
 
     def chunk(delta: dict, finish_reason=None, usage=None, choices=True) -> str:
         body: dict[str, Any] = {
@@ -972,7 +979,9 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     return parser
 
 
-def build_engine(args: argparse.Namespace, model, processor) -> Engine:
+def build_engine(args: argparse.Namespace, model, processor) -> "Engine":
+    from .engine import Engine
+
     return Engine(
         model,
         processor,
