@@ -3,6 +3,8 @@ engine (one `generate` call per batch) and transformers' own continuous batching
 
     # GPU (the issue's row; 7B shapes, random weights, bf16):
     PYTHONPATH=src python3 bench/serve_cb.py --streams 64 --max-tokens 128 --out bench/results/serve_cb.json
+    # + the same two engines behind our HTTP server (streaming clients; uvicorn shares this process):
+    PYTHONPATH=src python3 bench/serve_cb.py --engines continuous,window,transformers_cb,continuous_http,window_http
     # CPU smoke test (tiny random model, fp32, seconds):
     PYTHONPATH=src python3 bench/serve_cb.py --tiny --streams 8 --max-tokens 16
 
@@ -124,9 +126,25 @@ def burst(engine, prepared: list, max_tokens: int) -> dict:
     return result
 
 
-def run_ours(model, processor, prepared, args, scheduler: str) -> dict:
+async def http_burst(url: str, streams: int, max_tokens: int) -> dict:
+    """The same burst through the HTTP server: `streams` streaming clients (bench/serve_latency.py's client: the same
+    image and question per index as `requests`), time to first token = first streamed text at the client."""
+    import asyncio
+
+    import httpx
+    from serve_latency import one_request
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=streams + 4)) as client:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one_request(client, url, "bench", i, max_tokens) for i in range(streams)))
+        wall = time.perf_counter() - started
+    return summary([r["ttft"] for r in results], [r["tokens"] for r in results], wall)
+
+
+def run_ours(model, processor, prepared, args, name: str) -> dict:
     from internvl_chat.serve.engine import Engine
 
+    scheduler, http = name.removesuffix("_http"), name.endswith("_http")
     cache_len = max(len(p.input_ids) for p in prepared) + args.max_tokens
     cache_len = -(-cache_len // 64) * 64
     engine = Engine(
@@ -140,21 +158,51 @@ def run_ours(model, processor, prepared, args, scheduler: str) -> dict:
         max_cache_len=cache_len if scheduler == "continuous" else None,
         max_prefill_tokens=args.max_prefill_tokens,
     ).start()
+    server = None
     try:
+        if http:
+            import asyncio
+
+            import uvicorn
+            from serve_latency import free_port
+
+            from internvl_chat.serve.server import ServerConfig, create_app
+
+            app = create_app(engine, ServerConfig(model_name="bench", max_tokens_limit=max(args.max_tokens, 2048)))
+            port = free_port()
+            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+            thread = threading.Thread(target=server.run, daemon=True)
+            thread.start()
+            while not server.started:
+                time.sleep(0.05)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+            def run_burst(n):
+                return asyncio.run(http_burst(url, args.streams, n))
+        else:
+
+            def run_burst(n):
+                return burst(engine, prepared, n)
+
         started = time.perf_counter()
-        burst(engine, prepared, min(8, args.max_tokens))  # warm-up: compile, CUDA graphs, allocator
+        run_burst(min(8, args.max_tokens))  # warm-up: compile, CUDA graphs, allocator
         warm = time.perf_counter() - started
-        result = burst(engine, prepared, args.max_tokens)
+        result = run_burst(args.max_tokens)
         status = engine.status()
     finally:
+        if server is not None:
+            server.should_exit = True
+            thread.join(30)
         engine.stop()
     result["warm_up_s"] = round(warm, 2)
     result["engine"] = {k: status[k] for k in ("scheduler", "batches", "batched_rows", "max_batch_seen")}
+    if http:
+        result["measured"] = "HTTP server (create_app + uvicorn in this process), streaming clients; TTFT = first text"
     if scheduler == "continuous":
         result["engine"].update(
             max_cache_len=cache_len, compiled=engine.slots.compiled, max_prefill_tokens=args.max_prefill_tokens
         )
-    print(f"{scheduler:<16} {result['tokens_per_s']:9.1f} tokens/s  ttft p50 {result['ttft_p50_s']:.3f}s", flush=True)
+    print(f"{name:<16} {result['tokens_per_s']:9.1f} tokens/s  ttft p50 {result['ttft_p50_s']:.3f}s", flush=True)
     return result
 
 
@@ -208,7 +256,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-window-ms", type=float, default=10.0)
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
-    parser.add_argument("--engines", default="continuous,window,transformers_cb", help="comma-separated subset")
+    parser.add_argument(
+        "--engines",
+        default="continuous,window,transformers_cb",
+        help="comma-separated subset of window, continuous, transformers_cb, and window_http / continuous_http (the "
+        "same engines behind our HTTP server, streaming clients)",
+    )
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()
 
@@ -229,7 +282,8 @@ def main() -> None:
         "engines": {},
     }
     # transformers' CB may switch the shared language model's attention implementation: it runs last.
-    order = [e for e in ("window", "continuous", "transformers_cb") if e in args.engines.split(",")]
+    names = ("window", "window_http", "continuous", "continuous_http", "transformers_cb")
+    order = [e for e in names if e in args.engines.split(",")]
     for name in order:
         if name == "transformers_cb":
             report["engines"][name] = run_transformers_cb(model, prepared, args)

@@ -444,7 +444,13 @@ class Engine:
         if length < self.max_context:
             self.max_context = length
             self.cache_limited = True
-        return SlotDecoder(self.model, self.max_batch_size, length, compile=compile, seed=seed)
+        try:
+            return SlotDecoder(self.model, self.max_batch_size, length, compile=compile, seed=seed)
+        except torch.OutOfMemoryError as err:
+            raise ValueError(
+                f"The KV cache of {self.max_batch_size} slots x {length} tokens does not fit in memory; lower "
+                "--max-batch-size or --max-cache-len"
+            ) from err
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     def start(self) -> Engine:
