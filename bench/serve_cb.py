@@ -19,9 +19,10 @@ the first token was generated (`RequestHandle.first_token_at`; for ours the firs
 - `window`: the same engine with `scheduler="window"` (the previous engine), `max_batch_size=streams`.
 - `transformers_cb`: `generate_batch` (its ContinuousBatchingManager; default config, its own CUDA graphs, flash
   attention if installed, else sdpa) on a native `LlamaForCausalLM` that shares our model's language-model weights
-  (transformers' continuous batching takes token ids only, so it cannot run our vision tower: it gets the same prompt
-  token ids, image placeholders included, and skips the image encoding, which favours it slightly). Time to first
-  token = its first token's timestamp - the request's creation time.
+  (transformers' continuous batching takes token ids only, so it cannot run our vision tower: it gets prompts of the
+  same length, the 576 image placeholders replaced by random token ids distinct per request — identical placeholders
+  would let its prefix cache skip them, which real images would not — and skips the image encoding, which favours
+  it slightly). Time to first token = its first token's timestamp - the request's creation time.
 
 Tokens/s = generated tokens / (last request finished - first request submitted). Prints and writes one JSON object
 (GPU, versions, command, commit).
@@ -217,7 +218,17 @@ def run_transformers_cb(model, prepared, args) -> dict:
     peer.lm_head = model.lm_head
     peer.eval()
     eos = model.generation_config.eos_token_id
-    inputs = [p.input_ids for p in prepared]
+    image_token = model.config.image_token_id
+
+    def distinct(ids: list[int], seed: int) -> list[int]:
+        # Text-only, the 576 image placeholders would be the same ids in every prompt, and transformers' prefix
+        # sharing would compute them once for all requests (and reuse the warm-up's): with real images their keys
+        # and values differ per request. Random ids per request (and per call) keep the same length and work.
+        g = torch.Generator().manual_seed(seed)
+        return [int(torch.randint(100, 30000, (1,), generator=g)) if t == image_token else t for t in ids]
+
+    inputs = [distinct(p.input_ids, i) for i, p in enumerate(prepared)]
+    warm_inputs = [distinct(p.input_ids, 10_000 + i) for i, p in enumerate(prepared)]
 
     def generation_config(n):
         return GenerationConfig(
@@ -226,11 +237,15 @@ def run_transformers_cb(model, prepared, args) -> dict:
 
     cb_config = ContinuousBatchingConfig(max_requests_per_batch=args.streams)
     started = time.perf_counter()
-    peer.generate_batch(inputs, generation_config(min(8, args.max_tokens)), cb_config, persistent_manager=True)
+    peer.generate_batch(warm_inputs, generation_config(min(8, args.max_tokens)), cb_config, persistent_manager=True)
     warm = time.perf_counter() - started
     outputs = peer.generate_batch(
         inputs, generation_config(args.max_tokens), cb_config, record_timestamps=True, persistent_manager=True
     )
+    # Each call builds a fresh paged cache: its counter (transformers <= 5.17) covers this call only.
+    cache = _peer_cache(peer)
+    sharing = getattr(cache, "use_prefix_sharing", None)
+    shared = getattr(cache, "_total_prefix_length", None)
     attn = peer.config._attn_implementation
     peer.destroy_cached_continuous_batching_manager()
     outputs = list(outputs.values())
@@ -243,9 +258,20 @@ def run_transformers_cb(model, prepared, args) -> dict:
     result = summary(ttft, [len(o.generated_tokens) for o in outputs], end - start)
     result["warm_up_s"] = round(warm, 2)
     result["attn_implementation"] = attn
+    result["prefix_sharing"] = sharing
+    if shared is not None:
+        result["prefix_shared_tokens"] = shared  # prompt tokens its prefix cache did not recompute
+    result["prompts"] = "our prompt ids with the image placeholders replaced by random ids, distinct per request"
     result["model"] = f"native {type(peer).__name__} sharing our language model's weights (text only)"
     print(f"{'transformers_cb':<16} {result['tokens_per_s']:9.1f} tokens/s  ttft p50 {result['ttft_p50_s']:.3f}s")
     return result
+
+
+def _peer_cache(peer):
+    """transformers' paged cache of the persistent manager (for its prefix-sharing counter), or None."""
+    manager = getattr(peer, "_cached_continuous_batching_manager", None)
+    processor = getattr(manager, "batch_processor", None)
+    return getattr(processor, "cache", None)
 
 
 def main() -> None:
