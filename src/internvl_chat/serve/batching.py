@@ -64,8 +64,8 @@ def kv_bytes_per_token(model, slots: int = 1) -> int:
     config = _text_config(model)
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dtype = next(model.parameters()).dtype
-    element = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
+    dtype = model.get_input_embeddings().weight.dtype  # the cache's dtype (see SlotDecoder)
+    element = torch.finfo(dtype).bits // 8
     return 2 * config.num_hidden_layers * heads * head_dim * element * slots
 
 
