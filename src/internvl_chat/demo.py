@@ -1,7 +1,7 @@
 """`internvl-chat demo`: build a tiny LLaVA, train it in two stages on CPU on real handwritten digits and rendered
 letters, score it on held-out images next to chance, then chat with it from a fresh process.
 
-    internvl-chat demo                           # full run: about 2 minutes on 2 CPU cores
+    internvl-chat demo                           # full run: about 2.5 minutes on 2 CPU cores
     internvl-chat demo --quick                   # the CI-sized run (fewer steps, 200 of the held-out images)
     internvl-chat demo --output out/demo --finetune-steps 400 --preset llava-v1.5-7b
 
