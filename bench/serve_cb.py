@@ -29,6 +29,7 @@ Tokens/s = generated tokens / (last request finished - first request submitted).
 """
 
 import argparse
+import contextlib
 import io
 import statistics
 import sys
@@ -159,41 +160,28 @@ def run_ours(model, processor, prepared, args, name: str) -> dict:
         max_cache_len=cache_len if scheduler == "continuous" else None,
         max_prefill_tokens=args.max_prefill_tokens,
     ).start()
-    server = None
     try:
-        if http:
-            import asyncio
+        with contextlib.ExitStack() as stack:
+            if http:
+                import asyncio
 
-            import uvicorn
-            from serve_latency import free_port
+                from serve_latency import serving
 
-            from internvl_chat.serve.server import ServerConfig, create_app
+                url = stack.enter_context(serving(engine, "bench", args.max_tokens))
 
-            app = create_app(engine, ServerConfig(model_name="bench", max_tokens_limit=max(args.max_tokens, 2048)))
-            port = free_port()
-            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-            thread = threading.Thread(target=server.run, daemon=True)
-            thread.start()
-            while not server.started:
-                time.sleep(0.05)
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                def run_burst(n):
+                    return asyncio.run(http_burst(url, args.streams, n))
+            else:
 
-            def run_burst(n):
-                return asyncio.run(http_burst(url, args.streams, n))
-        else:
+                def run_burst(n):
+                    return burst(engine, prepared, n)
 
-            def run_burst(n):
-                return burst(engine, prepared, n)
-
-        started = time.perf_counter()
-        run_burst(min(8, args.max_tokens))  # warm-up: compile, CUDA graphs, allocator
-        warm = time.perf_counter() - started
-        result = run_burst(args.max_tokens)
-        status = engine.status()
+            started = time.perf_counter()
+            run_burst(min(8, args.max_tokens))  # warm-up: compile, CUDA graphs, allocator
+            warm = time.perf_counter() - started
+            result = run_burst(args.max_tokens)
+            status = engine.status()
     finally:
-        if server is not None:
-            server.should_exit = True
-            thread.join(30)
         engine.stop()
     result["warm_up_s"] = round(warm, 2)
     result["engine"] = {k: status[k] for k in ("scheduler", "batches", "batched_rows", "max_batch_seen")}

@@ -15,6 +15,7 @@ aggregate generated tokens/s.
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -52,6 +53,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(engine, name: str, max_tokens: int):
+    """Our FastAPI app over a started `engine`, under uvicorn on 127.0.0.1 in a thread; yields the chat URL and stops
+    the server on exit (the engine is the caller's)."""
+    import uvicorn
+
+    from internvl_chat.serve.server import ServerConfig, create_app
+
+    app = create_app(engine, ServerConfig(model_name=name, max_tokens_limit=max(max_tokens, 2048)))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1/chat/completions"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def image_url(seed: int) -> str:
@@ -142,11 +165,8 @@ def main() -> None:
     parser.add_argument("--attn-implementation", default=None)
     args = parser.parse_args()
 
-    import uvicorn
-
     import internvl_chat  # noqa: F401
     from internvl_chat.serve.engine import Engine
-    from internvl_chat.serve.server import ServerConfig, create_app
 
     dtype = getattr(torch, args.dtype)
     if args.model:
@@ -169,22 +189,13 @@ def main() -> None:
         request_timeout=3600,
     ).start()
     name = "bench"
-    app = create_app(engine, ServerConfig(model_name=name, max_tokens_limit=max(args.max_tokens, 2048)))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
-        levels = [
-            asyncio.run(level(url, name, int(c), args.requests_per_client, args.max_tokens))
-            for c in args.clients.split(",")
-        ]
+        with serving(engine, name, args.max_tokens) as url:
+            levels = [
+                asyncio.run(level(url, name, int(c), args.requests_per_client, args.max_tokens))
+                for c in args.clients.split(",")
+            ]
     finally:
-        server.should_exit = True
-        thread.join(30)
         engine.stop()
     report = {
         "model": args.model or f"{args.preset} (random weights, real shapes)",

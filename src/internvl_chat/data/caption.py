@@ -37,7 +37,6 @@ template.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -47,13 +46,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .formats import IMAGE_EXTENSIONS, file_content_id
 from .sharding import Ranks, ShardedJsonl, close_process_group, launch_state, log_level, read_jsonl, shard
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_PROMPTS", "IMAGE_EXTENSIONS", "caption_images", "collect_images", "main", "make_parser"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_PROMPTS = {
     # LLaVA-558k style brief caption / ShareGPT4V detailed caption instructions.
     "plain": "Give a brief description of the image.",
@@ -81,14 +80,6 @@ def collect_images(source: str | os.PathLike) -> tuple[list[str], str]:
             if line and not line.startswith("#"):
                 paths.append(line if os.path.isabs(line) else os.path.join(root, line))
     return paths, root
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_records(path: str) -> list[dict[str, Any]]:
@@ -218,7 +209,7 @@ def caption_images(
     hashed: dict[int, str | None] = {}
     for i in mine:
         try:
-            hashed[i] = _sha256(paths[i])[:ID_HEX]
+            hashed[i] = file_content_id(paths[i], ID_HEX)
         except OSError as err:
             logger.warning("unreadable image %s: %s", paths[i], err)
             hashed[i] = None

@@ -36,6 +36,7 @@ Image files are only opened later (lazily, by :class:`~internvl_chat.data.datase
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -49,8 +50,24 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# File suffixes read as images when a folder is listed or a path is given (caption, data generate, lmms-eval).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def file_content_id(path: str | os.PathLike, length: int = 16) -> str:
+    """A file's content id: the first ``length`` hex digits of the SHA-256 of its bytes (read in 1 MiB blocks), so
+    the same picture under two names is handled once (caption, data generate)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "IMAGE_TOKEN",
+    "file_content_id",
     "DataError",
     "convert",
     "count_image_blocks",

@@ -49,6 +49,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.api.registry import register_model
 from PIL import Image
 
+from ..data.formats import IMAGE_EXTENSIONS
 from ..data.images import load_image
 from ..data.sharding import Ranks
 from ..modeling import IMAGE_TOKEN
@@ -59,8 +60,6 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "internvl_chat"
 DEFAULT_MAX_NEW_TOKENS = 1024
-# A task's visual given as a path: an image when it ends like one (anything else, e.g. a video path, is refused).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # A multi-round task whose doc_to_text never signals the end would loop forever.
 MAX_ROUNDS = 100
 
@@ -77,7 +76,8 @@ def _images(visuals, task: str) -> list:
             stack[:0] = list(item)
         elif isinstance(item, Image.Image):
             out.append(item)
-        elif isinstance(item, (str, Path)) and Path(item).suffix.lower() in IMAGE_SUFFIXES:
+        elif isinstance(item, (str, Path)) and Path(item).suffix.lower() in IMAGE_EXTENSIONS:
+            # a path visual is an image when it ends like one (a video path is refused below)
             out.append(load_image(str(item)))
         else:
             raise ValueError(

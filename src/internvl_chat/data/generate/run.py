@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ..formats import IMAGE_EXTENSIONS, file_content_id
 from ..sharding import EXIT_AFTER_ENV, append_jsonl, read_jsonl
 from .prompts import STEPS, load_prompts
 
@@ -50,7 +51,6 @@ __all__ = ["DEFAULT_MAX_TOKENS", "GenerateConfig", "journal_path", "run", "summa
 DEFAULT_MAX_TOKENS = {"captions": 1024, "enrich": 1024, "qa": 2048}
 DEFAULT_QUESTION = "Describe this image in detail."
 ID_HEX = 16
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Failures a rerun tries again without --retry-failed: the endpoint did not answer or the image could not be read;
 # the record itself may be fine next time.
 RETRIED_REASONS = {"api_error", "image_error"}
@@ -115,12 +115,6 @@ def summary_path(output: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- input
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_input(cfg: GenerateConfig) -> tuple[list[dict[str, Any]], str]:
@@ -174,7 +168,7 @@ def load_items(cfg: GenerateConfig, sources: set[str]) -> tuple[list[Item], Coun
             raise ValueError(f"{cfg.input}: record {record.get('id', index)!r} has no 'image' ({cfg.step} sends it)")
         content = None
         if cfg.step == "captions" and image_path is not None and os.path.isfile(image_path):
-            content = _sha256(image_path)[:ID_HEX]  # the same picture under two names is captioned once
+            content = file_content_id(image_path, ID_HEX)  # the same picture under two names is captioned once
         rid = record.get("id")
         if rid is None:
             rid = content or hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:ID_HEX]
