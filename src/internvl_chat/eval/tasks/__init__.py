@@ -41,7 +41,7 @@ from .base import (
     TaskContext,
     ensure_unique_keys,
 )
-from .files import decode_image, load_records
+from .files import load_records
 from .judged import read_llava_bench, read_mmvet, score_llava_bench, score_mmvet, submit_mmvet
 from .mcq import (
     read_mmbench,
@@ -86,7 +86,6 @@ __all__ = [
     "Sample",
     "Task",
     "TaskContext",
-    "decode_image",
     "ensure_unique_keys",
     "get_task",
     "load_records",

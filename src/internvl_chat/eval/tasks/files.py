@@ -1,7 +1,7 @@
 """Shared file I/O of the task readers and submission writers: question / annotation files in every supported
 format (jsonl, json, tsv, csv, parquet, saved datasets), image cells, and the JSON / XLSX writers.
 
-Images are decoded by the one loader, `internvl_chat.data.images.load_image` (re-exported as `decode_image`); the
+Images are decoded by the one loader, `internvl_chat.data.images.load_image` (the eval runner calls it); the
 RGB conversion and its alpha rule (LLaVA's plain ``convert("RGB")`` by default) belong to the checkpoint's image
 processor, so eval, training and serving apply the same rule."""
 
@@ -113,7 +113,7 @@ def is_none(value) -> bool:
 
 
 def image_value(value, image_folder: str | None):
-    """Turns an image cell into something `decode_image` opens: dicts from parquet / datasets give their bytes,
+    """Turns an image cell into something `load_image` opens: dicts from parquet / datasets give their bytes,
     relative paths are joined to the image folder, everything else is kept (PIL, bytes, base64)."""
     if isinstance(value, dict):
         if value.get("bytes"):
@@ -124,14 +124,6 @@ def image_value(value, image_folder: str | None):
     if isinstance(value, str) and image_folder and len(value) < 1024 and not os.path.isabs(value):
         return os.path.join(image_folder, value)
     return value
-
-
-def decode_image(source):
-    """Decodes an image cell with the one loader (`internvl_chat.data.images.load_image`; imported on use, so the
-    task registry stays light for `eval --help`)."""
-    from ...data.images import load_image
-
-    return load_image(source)
 
 
 def answers_of(rec: dict):
