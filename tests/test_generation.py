@@ -1,5 +1,6 @@
 """FastGreedyDecoder (static cache + compiled step) gives exactly `generate(do_sample=False)`'s tokens."""
 
+import pytest
 import torch
 
 from conftest import tiny_clip_llama_config
@@ -58,3 +59,19 @@ def test_fast_decoder_stops_rows_at_eos():
         stop = (ref[row] == eos).nonzero()
         end = stop[0].item() + 1 if len(stop) else 24
         assert out[row, :end].tolist() == ref[row, :end].tolist()
+
+
+def test_fast_decoder_math_attention_equals_generate():
+    """The "math" decode attention (the CPU has no efficient / cuDNN kernels) gives `generate`'s tokens in fp32."""
+    model, ids, mask, pixels = model_and_prompts()
+    ref = FastGreedyDecoder(model, 4, 96, compile=False).generate(ids, mask, pixels, max_new_tokens=12)
+    out = FastGreedyDecoder(model, 4, 96, compile=False, attention="math").generate(
+        ids, mask, pixels, max_new_tokens=12
+    )
+    assert torch.equal(out, ref)
+
+
+def test_fast_decoder_refuses_unknown_attention():
+    model, *_ = model_and_prompts()
+    with pytest.raises(ValueError, match="unknown decode attention 'flashy'"):
+        FastGreedyDecoder(model, 4, 96, compile=False, attention="flashy")

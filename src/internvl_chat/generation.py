@@ -9,7 +9,10 @@ Same tokens as `model.generate(..., do_sample=False)` (tested on CPU without com
 - each decode step is one `torch.compile(mode="reduce-overhead")` graph (embedding → LLM → last-position lm_head →
   argmax) replayed from static buffers, with the 4D mask built on the device;
 - the host checks for end-of-sequence only every `sync_every` steps (no per-token device→host sync), and no logits
-  processors or stopping-criteria objects run per token.
+  processors or stopping-criteria objects run per token;
+- `attention` picks the SDPA backend the step is traced with (`DECODE_ATTENTION`): "math" lets the compiler turn
+  one query row's attention into two small matmuls and a fused softmax instead of a flash kernel whose 128-row query
+  tile holds one valid row (see `bench/decode.py --variants` for the measured choice).
 Used by the eval runner when `--fast-decode` is set (`internvl-chat eval --fast-decode`,
 `internvl_chat.eval.runner.generate_predictions(fast_decode=True)`, which builds one decoder per model and reuses it);
 the server does not use it (it calls `model.generate`). On a GPU in fp16/bf16 the compiled step's arithmetic is not
@@ -17,14 +20,32 @@ the server does not use it (it calls `model.generate`). On a GPU in fp16/bf16 th
 it against transformers' native Llava, `bench/eval_throughput.py --fast-decode` in the eval runner.
 """
 
+import contextlib
 import logging
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import StaticCache
 
 from .modeling.modeling_internvl_chat import CACHE_KWARG
 
 logger = logging.getLogger(__name__)
+
+# SDPA backend(s) a decode step is traced with; None keeps PyTorch's own choice (cuDNN / flash / efficient / math).
+DECODE_ATTENTION = {
+    "auto": None,
+    "math": [SDPBackend.MATH],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+}
+
+
+def attention_backend(name: str):
+    """A context manager that restricts SDPA to the `DECODE_ATTENTION[name]` backends (nothing for "auto")."""
+    if name not in DECODE_ATTENTION:
+        raise ValueError(f"unknown decode attention {name!r}; choose one of {', '.join(DECODE_ATTENTION)}")
+    backends = DECODE_ATTENTION[name]
+    return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
 
 class FastGreedyDecoder:
@@ -38,7 +59,10 @@ class FastGreedyDecoder:
         compile: bool | None = None,
         sync_every: int = 16,
         compile_mode: str = "reduce-overhead",
+        attention: str = "auto",
     ):
+        attention_backend(attention)  # validates the name before anything compiles
+        self.attention = attention
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_length = max_length
@@ -111,7 +135,8 @@ class FastGreedyDecoder:
                 break
             key_ok[:, prompt_len + step] = True
             mask = (key_ok & (slots <= prompt_len + step))[:, None, None, :]
-            next_tokens = self._step(next_tokens[:, None].clone(), position.clone(), mask, cache).clone()
+            with attention_backend(self.attention):
+                next_tokens = self._step(next_tokens[:, None].clone(), position.clone(), mask, cache).clone()
             position = position + 1
         return result
 
