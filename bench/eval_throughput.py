@@ -165,6 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--fast-decode", action="store_true", help="also run ours with fast_decode=True")
+    parser.add_argument("--profile", action="store_true", help="profile one fast-decode batch (GPU time by kernel)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     dtype = getattr(torch, args.dtype) if args.device != "cpu" else torch.float32
@@ -222,6 +223,17 @@ def main(argv=None) -> int:
                     fast = [json.loads(x)["text"] for x in out.read_text().splitlines()]
                     same = sum(x == y for x, y in zip(plain, fast)) / len(plain)
                     result["fast_decode_same_answers"][f"batch_{bs}"] = round(same, 4)
+            if args.profile:  # one batch of the last batch size: prefill (vision + LLM) + the decode steps
+                from common import profile_top
+
+                one = dict(batch_size=bs, max_new_tokens=args.max_new_tokens, num_workers=args.num_workers)
+                runs = iter(range(2))  # a fresh output file per call: the runner resumes from an existing one
+
+                def batch():
+                    out = folder / f"profile_{next(runs)}.jsonl"
+                    generate_predictions(model, processor, samples[:bs], out, **one, fast_decode=True)
+
+                result["profile_fast_batch"] = profile_top(batch, rows=20)
             best_fast = best_of(result["ours_fast_decode"])
             if best_fast:
                 result["ours_fast_decode_best"] = best_fast
