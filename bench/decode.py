@@ -5,7 +5,8 @@
     PYTHONPATH=src python3 bench/decode.py --batch-sizes 1 --variants auto math math+cdt --skip native ours
 
 `--variants` times `FastGreedyDecoder` once per decode-attention backend (`generation.DECODE_ATTENTION`: auto, math,
-efficient, cudnn); a `+cdt` suffix turns on inductor's coordinate-descent tuning for that and every later variant.
+efficient, cudnn); a `+cdt` suffix turns on inductor's coordinate-descent tuning for that and every later variant,
+`+autotune` compiles that variant's step with mode "max-autotune".
 
 Prompts are [BOS, 576 image tokens, 64 text tokens] with random pixels. For each batch size it times (median of
 runs after warm-up, end to end including prefill): native `generate` (dynamic cache), native `generate` with
@@ -24,11 +25,14 @@ from internvl_chat.generation import FastGreedyDecoder
 
 
 def decoder_for(ours, batch, length, compile_mode, variant):
-    attention, _, tuning = variant.partition("+")
-    if tuning == "cdt":  # global and sticky: applies to this and every later compile in the process
+    """`variant` = attention backend [+cdt] [+autotune]."""
+    attention, *tuning = variant.split("+")
+    if "cdt" in tuning:  # global and sticky: applies to this and every later compile in the process
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
+    if "autotune" in tuning:
+        compile_mode = "max-autotune"
     return FastGreedyDecoder(ours, batch, length, compile_mode=compile_mode, attention=attention)
 
 
