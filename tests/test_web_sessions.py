@@ -98,7 +98,9 @@ def test_no_second_answer_while_one_streams(sessions, engine):
 
     # Stop: the partial answer stays, the row is cancelled, and Regenerate works again afterwards.
     partial = next(stream)[-1]["content"]
-    sessions.stop(me)
+    # Stop's own view already holds the partial answer: it can reach the browser after the stream's last update.
+    stopped = sessions.stop(me)
+    assert [m["role"] for m in stopped] == ["user", "assistant"] and stopped[-1]["content"] == partial
     final = list(stream)[-1]
     assert final[-1]["role"] == "assistant" and final[-1]["content"].startswith(partial.strip())
     assert not sessions.streaming(me)

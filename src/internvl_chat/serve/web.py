@@ -150,6 +150,7 @@ class _Session:
     generation: int = 0  # +1 on Clear: an answer of an older generation may not write into the conversation
     answering: int | None = None  # the generation whose answer is streaming, if any
     active: AnswerStream | None = None
+    partial: list | None = None  # the streaming answer's turns + its reply so far (what Stop shows at once)
 
 
 class ChatSessions:
@@ -221,12 +222,21 @@ class ChatSessions:
         return []
 
     def stop(self, request=None) -> list[dict]:
+        """Cancels the streaming answer; returns the conversation with the partial answer.
+
+        [IMPORTANT] the answer's own generator writes the reply into `turns` only when it next runs; the view
+        returned here reaches the browser on its own, possibly after that generator's last update, so it must
+        already hold the partial reply (else the answer vanishes from the page)."""
         with self._lock:
             session = self._get(request)
-            active = session.active
+            active, partial = session.active, session.partial
         if active is not None:
             active.cancel()
-        return self.view(request)
+        with self._lock:
+            if session.partial is not None and session.partial is partial:
+                turns, reply = partial
+                return _chat_view([*turns, dict(reply)])
+            return _chat_view(session.turns)
 
     def forget(self, request=None) -> None:
         """The browser tab went away: cancel its answer and drop its conversation."""
@@ -254,7 +264,7 @@ class ChatSessions:
             answer = self.backend.open(turns, MODES.get(mode, "pad"), temperature, top_p, max_tokens)
             with self._lock:
                 if session.generation == generation:
-                    session.active = answer
+                    session.active, session.partial = answer, (turns, reply)
             if session.generation != generation:  # cleared while the request was being prepared
                 answer.cancel()
             for delta in answer:
@@ -278,7 +288,7 @@ class ChatSessions:
                 if session.answering == generation:
                     session.answering = None
                 if session.active is answer:
-                    session.active = None
+                    session.active = session.partial = None
                 if session.generation == generation:
                     session.turns = [*turns, reply]
                 view = _chat_view(session.turns)
