@@ -75,3 +75,19 @@ def test_fast_decoder_refuses_unknown_attention():
     model, *_ = model_and_prompts()
     with pytest.raises(ValueError, match="unknown decode attention 'flashy'"):
         FastGreedyDecoder(model, 4, 96, compile=False, attention="flashy")
+
+
+def test_each_decode_attention_gets_its_own_compiled_step():
+    """Two decoders on one model with different `attention` must not share a traced step (the backend is chosen at
+    trace time, so a shared graph would silently keep the first decoder's)."""
+    from torch._dynamo.utils import counters
+
+    model, ids, mask, pixels = model_and_prompts()
+    torch._dynamo.reset()
+    counters.clear()
+    for name in ("auto", "math", "auto"):
+        decoder = FastGreedyDecoder(model, 4, 96, compile=False, attention=name)
+        decoder._step = torch.compile(decoder._decode_step, backend="eager")  # dynamo's tracing only, no codegen
+        decoder.generate(ids, mask, pixels, max_new_tokens=3)
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()

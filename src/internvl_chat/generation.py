@@ -82,7 +82,12 @@ class FastGreedyDecoder:
     def _decode_step(self, tokens, positions, mask, cache):
         """tokens (B, 1), positions (B, 1), mask (B, 1, 1, L) bool → next tokens (B,)."""
         lm = self.model.model.language_model
-        out = lm(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+        # Inside the traced function, so the compiler guards on `self.attention` (a decoder with another backend
+        # gets its own graph instead of reusing the first decoder's).
+        with attention_backend(self.attention):
+            out = lm(
+                input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache}
+            )
         return self.model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
 
     @torch.no_grad()
@@ -135,8 +140,7 @@ class FastGreedyDecoder:
                 break
             key_ok[:, prompt_len + step] = True
             mask = (key_ok & (slots <= prompt_len + step))[:, None, None, :]
-            with attention_backend(self.attention):
-                next_tokens = self._step(next_tokens[:, None].clone(), position.clone(), mask, cache).clone()
+            next_tokens = self._step(next_tokens[:, None].clone(), position.clone(), mask, cache).clone()
             position = position + 1
         return result
 
