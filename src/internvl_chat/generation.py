@@ -10,12 +10,12 @@ Same tokens as `model.generate(..., do_sample=False)` (tested on CPU without com
   argmax) replayed from static buffers, with the 4D mask built on the device;
 - the host checks for end-of-sequence only every `sync_every` steps (no per-token device→host sync), and no logits
   processors or stopping-criteria objects run per token;
-- `attention` picks the SDPA backend the step is traced with (`DECODE_ATTENTION`): "math" lets the compiler turn
-  one query row's attention into two small matmuls and a fused softmax instead of a flash kernel whose 128-row query
-  tile holds one valid row (see `bench/decode.py --variants` for the measured choice).
+- `attention` picks the SDPA backend the step is traced with (`DECODE_ATTENTION`; default "auto", PyTorch's own
+  choice). On an H100 at batch 1 the decode step's attention is about 6 % of its GPU time (83 % is the weight
+  GEMVs), so the choice matters little there; `bench/decode.py --variants` times each backend.
 Used by the eval runner when `--fast-decode` is set (`internvl-chat eval --fast-decode`,
 `internvl_chat.eval.runner.generate_predictions(fast_decode=True)`, which builds one decoder per model and reuses it);
-the server does not use it (it calls `model.generate`). On a GPU in fp16/bf16 the compiled step's arithmetic is not
+the server decodes with its own slot engine (`serve/batching.py`). On a GPU in fp16/bf16 the compiled step's arithmetic is not
 `generate`'s bit for bit, so a near-tie between two logits can pick a different token. `bench/decode.py` measures
 it against transformers' native Llava, `bench/eval_throughput.py --fast-decode` in the eval runner.
 """
