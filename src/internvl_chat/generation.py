@@ -15,9 +15,10 @@ Same tokens as `model.generate(..., do_sample=False)` (tested on CPU without com
   GEMVs), so the choice matters little there; `bench/decode.py --variants` times each backend.
 Used by the eval runner when `--fast-decode` is set (`internvl-chat eval --fast-decode`,
 `internvl_chat.eval.runner.generate_predictions(fast_decode=True)`, which builds one decoder per model and reuses it);
-the server decodes with its own slot engine (`serve/batching.py`). On a GPU in fp16/bf16 the compiled step's arithmetic is not
-`generate`'s bit for bit, so a near-tie between two logits can pick a different token. `bench/decode.py` measures
-it against transformers' native Llava, `bench/eval_throughput.py --fast-decode` in the eval runner.
+the server decodes with its own slot engine (`serve/batching.py`). On a GPU in fp16/bf16 the compiled step's
+arithmetic is not `generate`'s bit for bit, so a near-tie between two logits can pick a different token.
+`bench/decode.py` measures it against transformers' native Llava, `bench/eval_throughput.py --fast-decode` in the
+eval runner.
 """
 
 import contextlib
