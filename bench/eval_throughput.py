@@ -21,6 +21,10 @@ phrase.", images of varied sizes stored as JPEG files (decoded and padded to squ
 * baseline: transformers-native `LlavaForConditionalGeneration` with the same shapes, driven like LLaVA's
   ``model_vqa_loader.py``: one question at a time (open image, processor, generate, decode).
 
+FLOP accounting (`flops_per_question`): ``model_tflop_per_question`` (prefill of the mean prompt + the decode steps +
+the vision tower), ``questions_per_second_at_peak`` (the ceiling at the GPU's peak bf16/fp16 FLOP/s) and the ``mfu``
+of the best runs, i.e. how much of the GPU the whole loop (preprocessing overlap included) turns into model work.
+
 Random weights never emit EOS, so every answer is exactly ``--max-new-tokens`` tokens (default 6, about a real
 short answer plus EOS); questions/s counts wall time including image decoding. Prints one JSON object.
 """
@@ -124,6 +128,23 @@ def llava_loop(model, processor, prompts, image_paths, max_new_tokens: int, devi
     return time.perf_counter() - start
 
 
+def flops_per_question(model, config, prompt_tokens: float, new_tokens: int) -> float:
+    """Model FLOPs of one short-answer question: 2 x weights x tokens for the language model's linear layers (prefill
+    of the whole prompt + one token per decode step), causal attention 2 x layers x T^2 x hidden, the vision tower
+    over its patches + CLS, and the projector. Where a run's time goes is then its achieved FLOP/s against the peak."""
+    lm = model.model.language_model
+    embed = lm.get_input_embeddings().weight.numel()
+    lm_linear = sum(p.numel() for p in lm.parameters()) - embed + model.lm_head.weight.numel()
+    text = config.text_config
+    tower = sum(p.numel() for p in model.model.vision_tower.parameters())
+    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    patches = config.image_seq_length + 1
+    t = prompt_tokens
+    prefill = 2 * lm_linear * t + 2 * text.num_hidden_layers * t * t * text.hidden_size
+    decode = 2 * lm_linear * (new_tokens - 1)
+    return prefill + decode + 2 * tower * patches + 2 * projector * config.image_seq_length
+
+
 def best_of(runs: dict) -> dict | None:
     """The fastest of {"batch_N": questions/s or "OOM"}: {"batch_size", "questions_per_second"} (None if all OOM)."""
     numeric = {k: v for k, v in runs.items() if isinstance(v, float)}
@@ -175,7 +196,7 @@ def main(argv=None) -> int:
     from internvl_chat.eval.tasks import SHORT_ANSWER, Sample
 
     model, processor, config = build_ours(args.tiny, args.device, dtype)
-    from common import environment
+    from common import environment, peak_flops
 
     result = {"env": environment(), "command": "python3 bench/eval_throughput.py " + " ".join(sys.argv[1:]),
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
@@ -197,6 +218,16 @@ def main(argv=None) -> int:
             result["ours"][f"batch_{bs}"] = qps
             result["breakdown"]["ours"][f"batch_{bs}"] = breakdown
         result["ours_best"] = best_of(result["ours"])
+        prompts = [build_prompt(processor, s) for s in samples]  # + the image's placeholder tokens, expanded
+        text_tokens = [len(processor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompts]
+        tokens = sum(text_tokens) / len(prompts) + config.image_seq_length - 1
+        flops = flops_per_question(model, config, tokens, args.max_new_tokens)
+        peak = peak_flops()
+        result["mean_prompt_tokens"] = round(tokens, 1)
+        result["model_tflop_per_question"] = round(flops / 1e12, 3)
+        result["questions_per_second_at_peak"] = round(peak / flops, 1)  # the ceiling at 100 % of peak FLOP/s
+        if result["ours_best"]:
+            result["ours_best"]["mfu"] = round(result["ours_best"]["questions_per_second"] * flops / peak, 3)
 
         if args.fast_decode:
             result["ours_fast_decode"], result["breakdown"]["ours_fast_decode"] = {}, {}
@@ -236,6 +267,7 @@ def main(argv=None) -> int:
                 result["profile_fast_batch"] = profile_top(batch, rows=20)
             best_fast = best_of(result["ours_fast_decode"])
             if best_fast:
+                best_fast["mfu"] = round(best_fast["questions_per_second"] * flops / peak, 3)
                 result["ours_fast_decode_best"] = best_fast
                 result["speedup_fast_decode_vs_generate"] = round(
                     best_fast["questions_per_second"] / result["ours_best"]["questions_per_second"], 2
