@@ -282,7 +282,6 @@ def main(argv=None) -> int:
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             llava, llava_proc = build_llava(config, processor.tokenizer, args.device, dtype)
-            prompts = [build_prompt(processor, s) for s in samples]
             llava_loop(
                 llava, llava_proc, prompts[:4], [s.image for s in samples[:4]], args.max_new_tokens, args.device, dtype
             )  # fmt: skip  (warm-up)

@@ -42,27 +42,6 @@ import torch
 from common import environment, write
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizers" / "vicuna-v1.5"
-
-
-def build(preset: str, tiny: bool, dtype: torch.dtype, device: str):
-    """Random model at the preset's shapes (or tiny) built directly on `device`, and its processor."""
-    from internvl_chat.factories import create
-    from internvl_chat.modeling import InternVLChatForConditionalGeneration
-
-    meta_model, processor, counts = create(preset, None, tokenizer=str(TOKENIZER), tiny=tiny)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    torch.manual_seed(0)
-    try:
-        with torch.device(device):
-            model = InternVLChatForConditionalGeneration(meta_model.config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config = meta_model.generation_config
-    return model.eval(), processor
-
 
 def requests(engine, count: int) -> list:
     prepared = []
@@ -284,7 +263,9 @@ def main() -> None:
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model, processor = build(args.preset, args.tiny, dtype, device)
+    from serve_latency import build_random_model
+
+    model, processor, _ = build_random_model(args.preset, dtype, device, tiny=args.tiny)
     prepared = requests(Engine(model, processor, scheduler="window"), args.streams)
     report = {
         **environment(),

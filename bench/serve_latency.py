@@ -32,14 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizers" / "vicuna-v1.5"
 
 
-def build_random_model(preset: str, dtype: torch.dtype, device: str):
-    """Full-size random model built directly on `device` (no 14 GB checkpoint on disk)."""
+def build_random_model(preset: str, dtype: torch.dtype, device: str, tiny: bool = False):
+    """Random model at the preset's shapes (or tiny) built directly on `device` (no 14 GB checkpoint on disk)."""
     from internvl_chat.factories import create
     from internvl_chat.modeling import InternVLChatForConditionalGeneration
 
-    meta_model, processor, counts = create(preset, None, tokenizer=str(TOKENIZER), tiny=False)
+    meta_model, processor, counts = create(preset, None, tokenizer=str(TOKENIZER), tiny=tiny)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    torch.manual_seed(0)
     try:
         with torch.device(device):
             model = InternVLChatForConditionalGeneration(meta_model.config)
