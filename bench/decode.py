@@ -6,7 +6,8 @@
 
 `--variants` times `FastGreedyDecoder` once per decode-attention backend (`generation.DECODE_ATTENTION`: auto, math,
 efficient, cudnn); a `+cdt` suffix turns on inductor's coordinate-descent tuning for that and every later variant,
-`+autotune` compiles that variant's step with mode "max-autotune".
+`+autotune` compiles that variant's step with mode "max-autotune", `+unfused` decodes through the language model's own
+forward instead of `FusedDecodeStack` (fused q/k/v and gate/up projections, the default).
 
 Prompts are [BOS, 576 image tokens, 64 text tokens] with random pixels. For each batch size it times (median of
 runs after warm-up, end to end including prefill): native `generate` (dynamic cache), native `generate` with
@@ -25,7 +26,7 @@ from internvl_chat.generation import FastGreedyDecoder
 
 
 def decoder_for(ours, batch, length, compile_mode, variant):
-    """`variant` = attention backend [+cdt] [+autotune]."""
+    """`variant` = attention backend [+cdt] [+autotune] [+unfused]."""
     attention, *tuning = variant.split("+")
     if "cdt" in tuning:  # global and sticky: applies to this and every later compile in the process
         import torch._inductor.config as inductor_config
@@ -33,7 +34,8 @@ def decoder_for(ours, batch, length, compile_mode, variant):
         inductor_config.coordinate_descent_tuning = True
     if "autotune" in tuning:
         compile_mode = "max-autotune"
-    return FastGreedyDecoder(ours, batch, length, compile_mode=compile_mode, attention=attention)
+    fuse = "unfused" not in tuning  # +unfused: the language model's own forward instead of `FusedDecodeStack`
+    return FastGreedyDecoder(ours, batch, length, compile_mode=compile_mode, attention=attention, fuse=fuse)
 
 
 def run_batch(ours, llava, batch, n, skip, compile_mode="reduce-overhead", profile=False, variants=("auto",)):
