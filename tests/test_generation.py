@@ -91,3 +91,96 @@ def test_each_decode_attention_gets_its_own_compiled_step():
         decoder.generate(ids, mask, pixels, max_new_tokens=3)
     assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
+
+
+def linear_calls_per_step(decoder, ids, mask, pixels):
+    """How many weight matmuls (`F.linear`) one decode step runs."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear:
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    real_step = decoder._step
+
+    def counted(*args):
+        with Count():
+            return real_step(*args)
+
+    decoder._step = counted
+    decoder.generate(ids, mask, pixels, max_new_tokens=2)  # prefill + exactly one decode step
+    return Count.calls
+
+
+def test_fused_decode_step_runs_four_projections_per_layer_with_unfused_tokens():
+    """Fused: q/k/v as one GEMV, gate/up as one (4 per layer + lm_head) instead of 7, and the same greedy tokens."""
+    model, ids, mask, pixels = model_and_prompts()
+    layers = model.config.text_config.num_hidden_layers
+    unfused = FastGreedyDecoder(model, 4, 96, compile=False, fuse=False)
+    ref = unfused.generate(ids, mask, pixels, max_new_tokens=24)
+    fused = FastGreedyDecoder(model, 4, 96, compile=False)
+    assert fused.fused is not None
+    assert torch.equal(fused.generate(ids, mask, pixels, max_new_tokens=24), ref)
+    assert linear_calls_per_step(unfused, ids, mask, pixels) == 7 * layers + 1
+    assert linear_calls_per_step(fused, ids, mask, pixels) == 4 * layers + 1
+
+
+def test_fusing_keeps_the_model_and_its_checkpoint(tmp_path):
+    """The fused matrices take over the weights' storage: no copy, the model's forward and saved weights unchanged."""
+    from internvl_chat import InternVLChatForConditionalGeneration
+
+    model, ids, mask, pixels = model_and_prompts()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    decoder = FastGreedyDecoder(model, 4, 96, compile=False)
+    attn = model.model.language_model.layers[0].self_attn
+    qkv_weight = decoder.fused.fused[0][0]
+    assert attn.k_proj.weight.data_ptr() == qkv_weight[attn.q_proj.weight.shape[0] :].data_ptr()  # a view, no copy
+    assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, logits)
+    model.save_pretrained(tmp_path)
+    reloaded = InternVLChatForConditionalGeneration.from_pretrained(tmp_path).state_dict()
+    assert reloaded.keys() == before.keys()
+    assert all(torch.equal(reloaded[k], before[k]) for k in before)
+
+
+def test_fused_decoder_refuses_stale_views_after_the_model_moves():
+    """`model.to(...)` replaces the parameters; the next generate fuses again instead of reading the old matrices."""
+    model, ids, mask, pixels = model_and_prompts()
+    decoder = FastGreedyDecoder(model, 4, 96, compile=False)
+    decoder.generate(ids, mask, pixels, max_new_tokens=4)
+    model.to(torch.float64)
+    with torch.no_grad():  # a changed weight must show in the fused step's tokens
+        model.model.language_model.layers[0].self_attn.v_proj.weight.mul_(-1)
+    pixels = pixels.double()
+    ref = FastGreedyDecoder(model, 4, 96, compile=False, fuse=False).generate(ids, mask, pixels, max_new_tokens=12)
+    assert torch.equal(decoder.generate(ids, mask, pixels, max_new_tokens=12), ref)
+    assert decoder.fused.fused[0][0].dtype == torch.float64
+
+
+def test_fusion_only_for_llama_layers_of_plain_linears():
+    from internvl_chat.generation import FusedDecodeStack
+
+    model, *_ = model_and_prompts()
+    lm = model.model.language_model
+    assert FusedDecodeStack.unsupported(lm) is None
+    lm.layers[1].mlp.up_proj = torch.nn.Sequential(lm.layers[1].mlp.up_proj)  # e.g. a LoRA / quantized wrapper
+    assert "layer 1" in FusedDecodeStack.unsupported(lm)
+    assert FastGreedyDecoder(model, 4, 96, compile=False).fused is None
+    phi3 = tiny_clip_llama_config(
+        text_config={
+            "model_type": "phi3",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 128,
+            "pad_token_id": 0,
+        }
+    )
+    lm = InternVLChatForConditionalGeneration(phi3).model.language_model
+    assert "model_type 'phi3'" in FusedDecodeStack.unsupported(lm)

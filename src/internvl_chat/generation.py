@@ -91,6 +91,9 @@ class FusedDecodeStack:
             return f"model_type {config.model_type!r} (fusable: {', '.join(cls.FUSABLE)})"
         if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
             return "layers other than full attention"
+        # A device map (accelerate hooks move activations between layers' devices) or offloaded weights.
+        if len({p.device for p in lm.parameters()}) > 1 or any(hasattr(m, "_hf_hook") for m in lm.modules()):
+            return "weights spread over several devices"
         for index, layer in enumerate(lm.layers):
             attn, mlp = layer.self_attn, layer.mlp
             linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
@@ -140,8 +143,11 @@ class FusedDecodeStack:
 
 def _fuse(linears):
     """Concatenates the linears' weights (and biases) along the output rows; the linears become views of it."""
-    weight = torch.cat([m.weight.detach() for m in linears])
-    bias = torch.cat([m.bias.detach() for m in linears]) if linears[0].bias is not None else None
+    # Normal tensors even when built under inference mode (the server builds its engine there): the model's
+    # parameters become views of these and must stay usable outside it.
+    with torch.inference_mode(False), torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
     start = 0
     for m in linears:
         rows = m.weight.shape[0]

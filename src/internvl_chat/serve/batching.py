@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, StaticLayer
 
+from ..generation import FusedDecodeStack
 from ..modeling.modeling_internvl_chat import CACHE_KWARG
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class SlotDecoder:
         compile: bool | None = None,
         seed: int | None = None,
         compile_mode: str = "reduce-overhead",
+        fuse: bool = True,
     ):
         check_supported(model, max_cache_len)
         self.model = model
@@ -141,6 +143,8 @@ class SlotDecoder:
         quantized = getattr(model, "hf_quantizer", None) is not None
         use_compile = (device.type == "cuda" and not distributed and not quantized) if compile is None else compile
         self.compiled = use_compile
+        # Fused q/k/v and gate/up projections in the step (`generation.FusedDecodeStack`; None where not fusable).
+        self.fused = FusedDecodeStack.build(language_model) if fuse else None
         # [IMPORTANT] "reduce-overhead" captures the step as a CUDA graph: every shape is fixed (slots, cache length)
         # and the cache tensors keep their addresses (StaticLayer marks them static).
         self._step = torch.compile(self._forward, mode=compile_mode) if use_compile else self._forward
@@ -148,6 +152,8 @@ class SlotDecoder:
     # -- the decode step ----------------------------------------------------------------------------------------------
     def _forward(self, tokens, positions, mask):
         """tokens (S, 1), positions (S, 1), mask (S, 1, 1, L) bool → logits (S, V) of the one new position."""
+        if self.fused is not None:  # SDPA with the boolean mask, whatever the model's attention implementation
+            return self.model.lm_head(self.fused(tokens, positions, mask, self.cache)[:, -1])
         if self.eager_mask:  # eager attention adds the mask to the scores
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(self.dtype).min
