@@ -170,17 +170,21 @@ def test_fusion_only_for_llama_layers_of_plain_linears():
     lm.layers[1].mlp.up_proj = torch.nn.Sequential(lm.layers[1].mlp.up_proj)  # e.g. a LoRA / quantized wrapper
     assert "layer 1" in FusedDecodeStack.unsupported(lm)
     assert FastGreedyDecoder(model, 4, 96, compile=False).fused is None
+    llama = model.config.text_config
     phi3 = tiny_clip_llama_config(
         text_config={
-            "model_type": "phi3",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": 128,
-            "pad_token_id": 0,
+            k: getattr(llama, k)
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+                "pad_token_id",
+            )
         }
+        | {"model_type": "phi3"}
     )
     lm = InternVLChatForConditionalGeneration(phi3).model.language_model
     assert "model_type 'phi3'" in FusedDecodeStack.unsupported(lm)
