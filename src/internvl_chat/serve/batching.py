@@ -19,6 +19,9 @@ does not matter to attention). As long as prompt + new tokens ≤ L the pointer 
 prompt before the request has ended. Positions (for the rotary embedding) are per slot. Free slots still run through
 the step (fixed shapes are what lets the step be one CUDA graph); their mask keeps the current column open so their
 arithmetic stays finite, and their output is ignored.
+
+The step runs through `generation.FusedDecodeStack` (q/k/v and gate/up projections fused) where the language model
+allows it (Llama family, plain linears on one device), otherwise through the language model's own forward.
 """
 
 from __future__ import annotations
