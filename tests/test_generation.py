@@ -9,13 +9,18 @@ from internvl_chat.generation import FastGreedyDecoder
 from test_modeling import IMG, N_IMG
 
 
-def model_and_prompts():
+def model_and_prompts(**text_overrides):
     torch.manual_seed(0)
-    model = InternVLChatForConditionalGeneration(tiny_clip_llama_config()).eval()
+    config = tiny_clip_llama_config()
+    if text_overrides:
+        config = tiny_clip_llama_config(text_config=config.text_config.to_dict() | text_overrides)
+    model = InternVLChatForConditionalGeneration(config).eval()
     with torch.no_grad():  # larger weights: varied greedy tokens instead of one repeated token
         for p in model.model.language_model.parameters():
             if p.ndim > 1:
                 p.mul_(8.0)
+            elif text_overrides:  # non-zero biases
+                p.add_(torch.randn_like(p))
     g = torch.Generator().manual_seed(5)
     prompts = [
         torch.cat([torch.tensor([1]), torch.full((N_IMG,), IMG), torch.randint(2, 99, (n,), generator=g)])
@@ -116,9 +121,11 @@ def linear_calls_per_step(decoder, ids, mask, pixels):
     return Count.calls
 
 
-def test_fused_decode_step_runs_four_projections_per_layer_with_unfused_tokens():
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_decode_step_runs_four_projections_per_layer_with_unfused_tokens(bias):
     """Fused: q/k/v as one GEMV, gate/up as one (4 per layer + lm_head) instead of 7, and the same greedy tokens."""
-    model, ids, mask, pixels = model_and_prompts()
+    model, ids, mask, pixels = model_and_prompts(**({"attention_bias": True, "mlp_bias": True} if bias else {}))
+    assert (model.model.language_model.layers[0].mlp.up_proj.bias is not None) == bias
     layers = model.config.text_config.num_hidden_layers
     unfused = FastGreedyDecoder(model, 4, 96, compile=False, fuse=False)
     ref = unfused.generate(ids, mask, pixels, max_new_tokens=24)
