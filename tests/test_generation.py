@@ -154,6 +154,17 @@ def test_fusing_keeps_the_model_and_its_checkpoint(tmp_path):
     assert all(torch.equal(reloaded[k], before[k]) for k in before)
 
 
+def test_decoders_on_one_model_share_its_fused_weights():
+    """Two decoders (two batch shapes) on one model fuse once: neither takes the storage from the other."""
+    model, ids, mask, pixels = model_and_prompts()
+    first = FastGreedyDecoder(model, 4, 96, compile=False)
+    weight = first.fused.fused[0][0]
+    second = FastGreedyDecoder(model, 8, 128, compile=False)
+    for decoder in (first, second, first):
+        decoder.generate(ids, mask, pixels, max_new_tokens=2)
+        assert first.fused.fused[0][0] is weight and second.fused.fused[0][0] is weight
+
+
 def test_fused_decoder_refuses_stale_views_after_the_model_moves():
     """`model.to(...)` replaces the parameters; the next generate fuses again instead of reading the old matrices."""
     model, ids, mask, pixels = model_and_prompts()

@@ -28,6 +28,7 @@ eval runner.
 import contextlib
 import logging
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,11 @@ def attention_backend(name: str):
     return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
 
+# language model → its layers' fused (qkv weight, qkv bias, gate/up weight, gate/up bias); weak keys: the tensors
+# do not keep the model alive.
+_FUSED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
 class FusedDecodeStack:
     """A decode-only forward of a Llama-family language model with its q/k/v and gate/up projections fused.
 
@@ -73,7 +79,9 @@ class FusedDecodeStack:
 
     def __init__(self, lm):
         self.lm = lm
-        self.fused = []
+        # Shared by every stack on this model (one decoder per batch shape): a second stack must not fuse again,
+        # or the two would take the storage from each other at every switch.
+        self.fused = _FUSED.setdefault(lm, [])
         self.refresh()
 
     @classmethod
@@ -111,7 +119,7 @@ class FusedDecodeStack:
     def refresh(self) -> None:
         """(Re)fuses every layer whose parameters are not (any more) views of its fused matrices."""
         if len(self.fused) != len(self.lm.layers):
-            self.fused = [None] * len(self.lm.layers)
+            self.fused[:] = [None] * len(self.lm.layers)
         for index, layer in enumerate(self.lm.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
