@@ -109,7 +109,12 @@ def main(argv=None):
     parser.add_argument("--skip", nargs="*", default=[], help="workloads to skip: native native_static ours ours_fast")
     parser.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the decode step")
     parser.add_argument("--profile", action="store_true", help="profile one decode of ours_fast and native_static")
-    parser.add_argument("--variants", nargs="+", default=["auto"], help="decode attention backends to time (+cdt)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["auto"],
+        help="decoders to time: attention backend [+cdt] [+autotune] [+unfused]",
+    )
     parser.add_argument("--out", default="bench/results/decode.json")
     args = parser.parse_args(argv)
 

@@ -185,6 +185,9 @@ def test_fusion_only_for_llama_layers_of_plain_linears():
     model, *_ = model_and_prompts()
     lm = model.model.language_model
     assert FusedDecodeStack.unsupported(lm) is None
+    lm.layers[0]._hf_hook = object()  # accelerate's device-map hook
+    assert "several devices" in FusedDecodeStack.unsupported(lm)
+    del lm.layers[0]._hf_hook
     lm.layers[1].mlp.up_proj = torch.nn.Sequential(lm.layers[1].mlp.up_proj)  # e.g. a LoRA / quantized wrapper
     assert "layer 1" in FusedDecodeStack.unsupported(lm)
     assert FastGreedyDecoder(model, 4, 96, compile=False).fused is None

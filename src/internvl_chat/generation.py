@@ -100,20 +100,22 @@ class FusedDecodeStack:
             return f"model_type {config.model_type!r} (fusable: {', '.join(cls.FUSABLE)})"
         if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
             return "layers other than full attention"
-        # A device map (accelerate hooks move activations between layers' devices) or offloaded weights.
-        if len({p.device for p in lm.parameters()}) > 1 or any(hasattr(m, "_hf_hook") for m in lm.modules()):
-            return "weights spread over several devices"
+        # A device map (accelerate hooks move activations between layers' devices), offloaded or meta weights.
+        devices = {p.device for p in lm.parameters()}
+        if (
+            len(devices) > 1
+            or "meta" in {d.type for d in devices}
+            or any(hasattr(m, "_hf_hook") for m in lm.modules())
+        ):
+            return "weights spread over several devices or not loaded"
         for index, layer in enumerate(lm.layers):
             attn, mlp = layer.self_attn, layer.mlp
             linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            # Quantized, LoRA-wrapped or offloaded (hooked) projections keep their own forward.
-            if any(type(m) is not nn.Linear or hasattr(m, "_hf_hook") for m in linears):
+            # Quantized or LoRA-wrapped projections keep their own forward.
+            if any(type(m) is not nn.Linear for m in linears):
                 return f"layer {index} has projections that are not plain nn.Linear"
-            if (
-                len({(m.weight.dtype, m.weight.device) for m in linears}) > 1
-                or linears[0].weight.device.type == "meta"
-            ):
-                return f"layer {index} has projections on several devices or dtypes"
+            if len({m.weight.dtype for m in linears}) > 1:
+                return f"layer {index} has projections of several dtypes"
         return None
 
     def refresh(self) -> None:
